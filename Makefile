@@ -1,0 +1,30 @@
+# The README's two commands: `make demo` (main job) and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.prismrt-installed
+OUT    ?= out/demo
+SAMPLE := Testing/Data/openkbp_pt_226
+
+.PHONY: env demo test clean-env
+
+env: $(STAMP)
+
+# Re-installs only when the dependency declarations change.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt -e '.[report,test,slicer-test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/prismrt info $(SAMPLE)/ct.nii.gz
+	$(BIN)/prismrt overview $(SAMPLE)/ct.nii.gz --window head-and-neck \
+	    --overlay $(SAMPLE)/PTV70.nii.gz --overlay $(SAMPLE)/LeftParotid.nii.gz \
+	    --overlay $(SAMPLE)/RightParotid.nii.gz --overlay $(SAMPLE)/SpinalCord.nii.gz \
+	    --out $(OUT) --overwrite
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+clean-env:
+	rm -rf $(VENV)

@@ -1,0 +1,225 @@
+"""The ``prismrt`` command line.
+
+Errors the user can fix are printed as one line (``prismrt: error: ...``) with exit code 2; ``--debug`` shows
+tracebacks. Commands whose models are not part of this version say so and exit with code 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import PrismRTError
+
+EXIT_USAGE = 2
+EXIT_NOT_AVAILABLE = 3
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line that points to --help."""
+
+    def error(self, message):  # noqa: D102 - argparse API
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+class NotAvailableError(PrismRTError):
+    """The command exists but what it needs is not part of this version."""
+
+
+def _existing_path(text: str) -> Path:
+    path = Path(text)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"'{text}' does not exist")
+    return path
+
+
+def _device_option(parser: argparse.ArgumentParser, default) -> None:
+    parser.add_argument(
+        "--device",
+        default=default,
+        choices=("auto", "cpu", "cuda", "mps"),
+        help="compute device: auto = CUDA when present, else CPU (default: auto)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="prismrt",
+        description="PRISM-RT: radiotherapy imaging AI (GTV delineation, registration QA, CT questions).",
+    )
+    parser.add_argument("--version", action="version", version=f"prismrt {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    _device_option(parser, "auto")
+    # Subcommands accept --device too; SUPPRESS keeps a value given before the subcommand.
+    common = argparse.ArgumentParser(add_help=False)
+    _device_option(common, argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("info", parents=[common], help="check a volume and print its geometry and intensities")
+    p.add_argument("image", type=_existing_path, help="NIfTI/NRRD/MHA file or DICOM series folder")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    p = sub.add_parser(
+        "overview", parents=[common], help="write an overview PNG of three orthogonal slices and a report"
+    )
+    p.add_argument("image", type=_existing_path, help="NIfTI/NRRD/MHA file or DICOM series folder")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--window", default="soft-tissue", help="window preset (soft-tissue, lung, bone, brain, head-and-neck)")
+    p.add_argument("--level", type=float, help="window level in HU (with --width, instead of --window)")
+    p.add_argument("--width", type=float, help="window width in HU")
+    p.add_argument("--point", help="slice through this point X,Y,Z in mm (default: centre of the body)")
+    p.add_argument("--coords", choices=("lps", "ras"), default="lps", help="coordinate system of --point (default lps)")
+    p.add_argument("--overlay", action="append", default=[], type=_existing_path, metavar="MASK",
+                   help="binary mask on the image grid to draw as a contour (repeatable)")
+    p.add_argument("--overwrite", action="store_true", help="replace outputs already in --out")
+
+    p = sub.add_parser("segment", parents=[common], help="GTV delineation from point prompts")
+    p.add_argument("image", type=_existing_path)
+    p.add_argument("--point", action="append", default=[], metavar="X,Y,Z", help="positive click (mm)")
+    p.add_argument("--negative", action="append", default=[], metavar="X,Y,Z", help="negative click (mm)")
+    p.add_argument("--box", metavar="X0,Y0,Z0,X1,Y1,Z1", help="box corners (mm)")
+    p.add_argument("--coords", choices=("lps", "ras"), default="lps")
+    p.add_argument("--propagate", action="store_true", help="propagate the mask into 3D")
+    p.add_argument("--backend", choices=("prismrt", "teachers"), default="prismrt")
+    p.add_argument("--model", help="model name from 'prismrt models list'")
+    p.add_argument("--out", required=True, type=Path, help="output mask (.nii.gz, .nrrd)")
+
+    p = sub.add_parser("register", parents=[common], help="deformable registration with QA")
+    p.add_argument("fixed", type=_existing_path)
+    p.add_argument("moving", type=_existing_path)
+    p.add_argument("--backend", choices=("prismrt", "teachers"), default="prismrt")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+
+    p = sub.add_parser("ask", parents=[common], help="answer a free-text question about a CT")
+    p.add_argument("image", type=_existing_path)
+    p.add_argument("question")
+    p.add_argument("--backend", choices=("prismrt", "teachers"), default="prismrt")
+
+    p = sub.add_parser("models", parents=[common], help="list, download, import or locate model weights")
+    p.add_argument("action", choices=("list", "download", "import", "path"))
+    p.add_argument("names", nargs="*")
+    return parser
+
+
+def _window_from_args(args):
+    from .imaging.intensity import Window, get_window
+
+    if (args.level is None) != (args.width is None):
+        raise PrismRTError("give both --level and --width, or a --window preset")
+    if args.level is not None:
+        return Window(args.level, args.width), "custom"
+    return get_window(args.window), args.window
+
+
+def _point_from_args(text, coords):
+    from .imaging.geometry import parse_point, ras_to_lps
+
+    if text is None:
+        return None
+    point = parse_point(text)
+    return ras_to_lps(point) if coords == "ras" else point
+
+
+def cmd_info(args) -> int:
+    from .device import describe_device, resolve_device
+    from .imaging import check_volume, read_image
+
+    summary = check_volume(read_image(args.image))
+    device = describe_device(resolve_device(args.device))
+    if args.json:
+        print(json.dumps({"source": str(args.image), **summary.to_dict(), "device": device}, indent=2))
+    else:
+        print(f"{args.image}\n{summary.to_text()}\nDevice:      {device}")
+    return 0
+
+
+def cmd_overview(args) -> int:
+    from .imaging import read_image
+    from .report.overview import Overlay, write_overview_report
+
+    window, window_name = _window_from_args(args)
+    point = _point_from_args(args.point, args.coords)
+    image = read_image(args.image)
+    overlays = [Overlay(_mask_name(p), read_image(p)) for p in args.overlay]
+    report = write_overview_report(
+        image, args.out, window=window, window_name=window_name, source=str(args.image), point_lps=point,
+        overlays=overlays, overwrite=args.overwrite,
+    )
+    for warning in report["volume"]["warnings"]:
+        print(f"prismrt: warning: {warning}", file=sys.stderr)
+    print(f"wrote {report['files']['overview.png']}, {report['files']['report.md']}, {report['files']['report.json']}")
+    return 0
+
+
+def _mask_name(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def cmd_not_available(args) -> int:
+    raise NotAvailableError(
+        f"'{args.command}' is not available in PRISM-RT {__version__}: its models are not part of this version yet "
+        "(see the README's Status section)"
+    )
+
+
+COMMANDS = {
+    "info": cmd_info,
+    "overview": cmd_overview,
+    "segment": cmd_not_available,
+    "register": cmd_not_available,
+    "ask": cmd_not_available,
+    "models": cmd_not_available,
+}
+
+
+_POINT_OPTIONS = ("--point", "--negative", "--box")
+_NUMBER_LIST = re.compile(r"^-?[\d.]+([,;]\s*-?[\d.]+)+$")
+
+
+def _attach_negative_values(argv: list[str]) -> list[str]:
+    """Let "--point -12,40,-3" work: argparse would read the value as an option because it starts with '-'."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in _POINT_OPTIONS and i + 1 < len(argv) and _NUMBER_LIST.match(argv[i + 1]):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(_attach_negative_values(list(sys.argv[1:] if argv is None else argv)))
+    try:
+        return COMMANDS[args.command](args)
+    except NotAvailableError as exc:
+        print(f"prismrt {args.command}: {exc}", file=sys.stderr)
+        return EXIT_NOT_AVAILABLE
+    except PrismRTError as exc:
+        if args.debug:
+            raise
+        print(f"prismrt: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("prismrt: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug, not bad input: say so, keep the traceback one flag away
+        if args.debug:
+            raise
+        print(f"prismrt: internal error: {type(exc).__name__}: {exc} (rerun with --debug and report it)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
