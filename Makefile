@@ -13,7 +13,7 @@ env: $(STAMP)
 # Re-installs only when the dependency declarations change.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt -e '.[report,test,slicer-test]'
+	$(BIN)/python -m pip install --disable-pip-version-check -qq -c constraints.txt -e '.[report,test,slicer-test]'
 	touch $(STAMP)
 
 demo: $(STAMP)
