@@ -1,0 +1,656 @@
+"""PRISM-RT: the 3D Slicer scripted module.
+
+The module is thin: everything that computes lives in PRISMRTLib (pure Python, LPS, SimpleITK images).
+This file owns the one place where Slicer's RAS world meets PRISMRTLib's LPS world:
+:func:`volumeNodeToImage` and :func:`imageToVolumeNode` convert between a MRML volume node and a SimpleITK image.
+
+Those conversion functions and :class:`PRISMRTLogic` use only MRML, VTK, NumPy and SimpleITK calls, so they also
+run outside the Slicer application against ``slicer-core`` (the MRML library without Qt), which is how
+``Testing/module`` tests them. Heavy or optional imports (SimpleITK, PRISMRTLib, torch) happen on first use,
+never when Slicer loads the module, so the module loads even when a dependency is missing.
+"""
+
+import importlib
+import importlib.util
+import logging
+import os
+import sys
+from typing import TYPE_CHECKING
+
+import numpy as np
+import vtk
+
+import slicer
+from slicer import vtkMRMLScalarVolumeNode
+from slicer.util import VTKObservationMixin
+
+if TYPE_CHECKING:
+    import SimpleITK
+
+try:
+    from slicer.i18n import tr as _
+    from slicer.i18n import translate
+    from slicer.parameterNodeWrapper import parameterNodeWrapper
+    from slicer.ScriptedLoadableModule import (
+        ScriptedLoadableModule,
+        ScriptedLoadableModuleLogic,
+        ScriptedLoadableModuleTest,
+        ScriptedLoadableModuleWidget,
+    )
+except ImportError:
+    # Not inside the Slicer application (e.g. pytest with slicer-core). The GUI classes below are then defined on
+    # inert stand-ins and are not usable; the conversion functions and PRISMRTLogic work as in Slicer.
+    def _(text):
+        return text
+
+    def translate(context, text):
+        return text
+
+    def parameterNodeWrapper(classtype):
+        return classtype
+
+    class ScriptedLoadableModule:
+        def __init__(self, parent=None):
+            self.parent = parent
+
+    class ScriptedLoadableModuleWidget(ScriptedLoadableModule):
+        pass
+
+    class ScriptedLoadableModuleLogic:
+        def __init__(self, parent=None):
+            pass
+
+    class ScriptedLoadableModuleTest:
+        pass
+
+
+# Python packages PRISMRTLib needs beyond what Slicer ships (NumPy and SimpleITK are in Slicer already):
+# (import name, pip requirement), kept in step with pyproject.toml.
+PYTHON_REQUIREMENTS = (
+    ("pydicom", "pydicom>=2.4"),
+    ("requests", "requests>=2.28"),
+)
+# Installed through the PyTorch extension (SlicerPyTorch), which picks the build matching the GPU driver.
+TORCH_VERSION_REQUIREMENT = ">=2.1"
+
+# LPS = diag(-1, -1, 1) @ RAS, and back (the flip is its own inverse).
+_RAS_LPS_FLIP = np.diag([-1.0, -1.0, 1.0])
+
+
+#
+# PRISMRTLib access (lazy)
+#
+
+
+def _ensurePRISMRTLibOnPath() -> None:
+    """Make PRISMRTLib importable when the module runs from a source tree.
+
+    An installed extension has PRISMRTLib next to this file (a module path, hence on sys.path). In the repository
+    it lives one level up, at ``PRISMRT/../PRISMRTLib``.
+    """
+    if importlib.util.find_spec("PRISMRTLib") is not None:
+        return
+    sourceRoot = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.isfile(os.path.join(sourceRoot, "PRISMRTLib", "__init__.py")) and sourceRoot not in sys.path:
+        sys.path.append(sourceRoot)
+
+
+def importPRISMRTLib(name: str = "PRISMRTLib"):
+    """Import PRISMRTLib or one of its submodules (e.g. ``"PRISMRTLib.imaging"``) on first use."""
+    _ensurePRISMRTLibOnPath()
+    return importlib.import_module(name)
+
+
+def _invalidImage(message: str) -> Exception:
+    """PRISMRTLib's user-facing error for an image that cannot be used."""
+    return importPRISMRTLib("PRISMRTLib.errors").InvalidImageError(message)
+
+
+def missingPythonPackages() -> list:
+    """Pip requirements of PRISMRTLib that are not installed in this Python environment."""
+    return [requirement for moduleName, requirement in PYTHON_REQUIREMENTS
+            if importlib.util.find_spec(moduleName) is None]
+
+
+#
+# Volume node <-> SimpleITK image: the module boundary, the only place where RAS and LPS meet
+#
+
+
+def _ijkToRasArray(volumeNode) -> np.ndarray:
+    matrix = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(matrix)
+    return np.array([[matrix.GetElement(row, column) for column in range(4)] for row in range(4)])
+
+
+def volumeNodeToImage(volumeNode) -> "SimpleITK.Image":
+    """Convert a scalar volume node to a SimpleITK image in LPS millimetres.
+
+    The voxel at index (i, j, k) of the image has the LPS point ``diag(-1, -1, 1) @ (IJKToRAS @ (i, j, k, 1))``,
+    where IJKToRAS is the node's own matrix (a parent transform, if any, is not applied) and voxel values,
+    pixel type included, are copied unchanged. Raises PRISMRTLib's InvalidImageError, with a message for the user,
+    for a missing node, a node without voxels, a multi-component (e.g. RGB) volume or a degenerate geometry.
+    """
+    import SimpleITK as sitk
+    from vtk.util import numpy_support
+
+    if volumeNode is None:
+        raise _invalidImage("no volume is selected: choose a CT volume in the Input section")
+    imageData = volumeNode.GetImageData()
+    scalars = imageData.GetPointData().GetScalars() if imageData is not None else None
+    if scalars is None or imageData.GetNumberOfPoints() == 0:
+        raise _invalidImage("the volume has no voxels: load the CT again (File > Add Data) and select it")
+    if scalars.GetNumberOfComponents() != 1:
+        raise _invalidImage(
+            f"the volume has {scalars.GetNumberOfComponents()} values per voxel (colour or vector data): PRISM-RT "
+            "needs a greyscale CT; convert it with the 'Vector to Scalar Volume' module or load the CT series"
+        )
+
+    ni, nj, nk = imageData.GetDimensions()
+    array = numpy_support.vtk_to_numpy(scalars).reshape(nk, nj, ni)  # a view; GetImageFromArray copies
+    image = sitk.GetImageFromArray(array)
+
+    ijkToRas = _ijkToRasArray(volumeNode)
+    linear = ijkToRas[:3, :3]
+    # Slicer ignores the vtkImageData's origin and spacing; its extent may start at a non-zero index.
+    firstIndex = np.array(imageData.GetExtent()[0::2], dtype=float)
+    originRas = ijkToRas[:3, 3] + linear @ firstIndex
+    spacing = np.linalg.norm(linear, axis=0)
+    if not (np.all(np.isfinite(ijkToRas)) and np.all(spacing > 0)):
+        raise _invalidImage(
+            "the volume's geometry is invalid (zero or undefined voxel spacing): fix the spacing in the "
+            "Volumes module (Volume Information) or load the CT again"
+        )
+    directionLps = _RAS_LPS_FLIP @ (linear / spacing)
+    if abs(np.linalg.det(directionLps)) < 1e-6:
+        raise _invalidImage("the volume's axes are degenerate (parallel or zero): load the CT again")
+    image.SetSpacing([float(s) for s in spacing])
+    image.SetOrigin([float(v) for v in _RAS_LPS_FLIP @ originRas])
+    image.SetDirection([float(v) for v in directionLps.ravel()])
+    return image
+
+
+def imageToVolumeNode(image, name: str | None = None, scene=None, volumeNode=None,
+                      className: str = "vtkMRMLScalarVolumeNode"):
+    """Put a 3D SimpleITK image (LPS) into a volume node (RAS): the exact inverse of :func:`volumeNodeToImage`.
+
+    With ``volumeNode`` given, its voxels and geometry are replaced (its display settings are kept); otherwise a new
+    node of ``className`` (e.g. "vtkMRMLLabelMapVolumeNode" for masks) named ``name`` is added to ``scene``
+    (default: the application's scene). Returns the volume node.
+    """
+    import SimpleITK as sitk
+    from vtk.util import numpy_support
+
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise _invalidImage(
+            f"only 3D single-component images can be shown as a volume, got a {image.GetDimension()}D image "
+            f"with {image.GetNumberOfComponentsPerPixel()} component(s) per voxel"
+        )
+    array = sitk.GetArrayViewFromImage(image)  # (k, j, i)
+    if array.dtype.kind not in "iuf":
+        raise _invalidImage(f"images of pixel type '{image.GetPixelIDTypeAsString()}' cannot be shown as a volume")
+    scalars = numpy_support.numpy_to_vtk(np.ascontiguousarray(array).ravel(), deep=True)
+    scalars.SetName("ImageScalars")
+    imageData = vtk.vtkImageData()
+    imageData.SetDimensions(*[int(n) for n in image.GetSize()])
+    imageData.GetPointData().SetScalars(scalars)
+
+    direction = np.array(image.GetDirection(), dtype=float).reshape(3, 3)
+    linearRas = _RAS_LPS_FLIP @ direction @ np.diag(image.GetSpacing())
+    originRas = _RAS_LPS_FLIP @ np.array(image.GetOrigin(), dtype=float)
+    ijkToRas = vtk.vtkMatrix4x4()
+    for row in range(3):
+        for column in range(3):
+            ijkToRas.SetElement(row, column, float(linearRas[row, column]))
+        ijkToRas.SetElement(row, 3, float(originRas[row]))
+
+    if volumeNode is None:
+        if scene is None:
+            scene = getattr(slicer, "mrmlScene", None)
+        if scene is None:
+            raise ValueError("imageToVolumeNode needs a scene or an existing volume node")
+        volumeNode = scene.AddNewNodeByClass(className, name or "PRISM-RT volume")
+    elif name:
+        volumeNode.SetName(name)
+
+    wasModifying = volumeNode.StartModify()
+    volumeNode.SetIJKToRASMatrix(ijkToRas)
+    volumeNode.SetAndObserveImageData(imageData)
+    volumeNode.EndModify(wasModifying)
+    if volumeNode.GetDisplayNode() is None and volumeNode.GetScene() is not None:
+        volumeNode.CreateDefaultDisplayNodes()
+    return volumeNode
+
+
+def windowPresetNames() -> list:
+    """Names of PRISMRTLib's CT window presets, in its order."""
+    return list(importPRISMRTLib("PRISMRTLib.imaging").WINDOW_PRESETS)
+
+
+def applyWindowPreset(volumeNode, presetName: str) -> None:
+    """Show ``volumeNode`` with a fixed CT window (PRISMRTLib.imaging.WINDOW_PRESETS): auto window/level off."""
+    presets = importPRISMRTLib("PRISMRTLib.imaging").WINDOW_PRESETS
+    if presetName not in presets:
+        raise ValueError(f"Unknown window preset '{presetName}': choose one of {', '.join(presets)}.")
+    if volumeNode is None:
+        raise ValueError("No volume given: select a CT volume first.")
+    displayNode = volumeNode.GetDisplayNode()
+    if displayNode is None:
+        if volumeNode.GetScene() is None:
+            raise ValueError(f"The volume '{volumeNode.GetName()}' is not in a scene, so it cannot be displayed.")
+        volumeNode.CreateDefaultDisplayNodes()
+        displayNode = volumeNode.GetDisplayNode()
+    if not displayNode.IsA("vtkMRMLScalarVolumeDisplayNode") or displayNode.IsA("vtkMRMLLabelMapVolumeDisplayNode"):
+        raise ValueError(f"The volume '{volumeNode.GetName()}' is a label map; window presets apply to CT volumes.")
+    preset = presets[presetName]
+    wasModifying = displayNode.StartModify()
+    displayNode.AutoWindowLevelOff()
+    displayNode.SetWindowLevel(float(preset.width), float(preset.level))
+    displayNode.EndModify(wasModifying)
+
+
+def checkVolume(volumeNode) -> str:
+    """PRISMRTLib's human-readable summary of the volume; raises a PrismRTError saying what to do if it is unusable."""
+    imaging = importPRISMRTLib("PRISMRTLib.imaging")
+    return imaging.check_volume(volumeNodeToImage(volumeNode)).to_text()
+
+
+#
+# PRISMRT
+#
+
+
+class PRISMRT(ScriptedLoadableModule):
+    """Uses ScriptedLoadableModule base class, available at:
+    https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
+    """
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("PRISM-RT")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Radiotherapy")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["PRISM-RT team"]
+        self.parent.helpText = _("""
+Radiotherapy imaging AI on one distilled vision backbone: GTV delineation from point prompts,
+deformable registration with QA, and questions about the loaded CT.
+This version checks a CT volume (geometry, intensities, orientation) and applies CT window presets.
+See the <a href="https://github.com/prism-rt/PRISMRT">project page</a> for documentation.
+""")
+        self.parent.acknowledgementText = _("""
+Developed by the PRISM-RT team. Built on 3D Slicer, SimpleITK and the SlicerPyTorch extension.
+""")
+
+
+#
+# PRISMRTParameterNode
+#
+
+
+@parameterNodeWrapper
+class PRISMRTParameterNode:
+    """The module's state, saved with the scene.
+
+    inputVolume - the CT volume to work on.
+    windowPreset - the name of the CT window preset last applied (a key of PRISMRTLib.imaging.WINDOW_PRESETS).
+    """
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    windowPreset: str = "soft-tissue"
+
+
+#
+# PRISMRTWidget
+#
+
+
+class PRISMRTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Uses ScriptedLoadableModuleWidget base class, available at:
+    https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
+    """
+
+    def __init__(self, parent=None) -> None:
+        """Called when the user opens the module the first time and the widget is initialized."""
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)  # needed for parameter node observation
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._checkedVolumeID = None
+
+    def setup(self) -> None:
+        """Called when the user opens the module the first time and the widget is initialized."""
+        ScriptedLoadableModuleWidget.setup(self)
+
+        # Load widget from .ui file (created by Qt Designer).
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/PRISMRT.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+
+        # The .ui connects the top-level widget's mrmlSceneChanged(vtkMRMLScene*) to each MRML widget's setMRMLScene.
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = PRISMRTLogic()
+
+        # Keep the parameter node valid when the scene is closed.
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        import qt  # Qt exists only inside the application
+
+        # The summary is a table of aligned "Name:  value" lines.
+        self.ui.checkResultText.setFont(qt.QFontDatabase.systemFont(qt.QFontDatabase.FixedFont))
+
+        self.ui.checkButton.connect("clicked(bool)", self.onCheckButton)
+        # "activated" is emitted only by the user, also when the shown preset is chosen again (to re-apply it).
+        self.ui.windowPresetComboBox.connect("activated(int)", self.onWindowPresetActivated)
+
+        self._populateWindowPresets()
+
+        # Make sure parameter node is initialized (needed for module reload)
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        """Called when the application closes and the module widget is destroyed."""
+        self.removeObservers()
+
+    def enter(self) -> None:
+        """Called each time the user opens this module."""
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        """Called each time the user opens a different module."""
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGUIFromParameterNode)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        """Called just before the scene is closed."""
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        """Called just after the scene is closed."""
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        """Ensure parameter node exists and observed."""
+        self.setParameterNode(self.logic.getParameterNode())
+
+        # Select the first volume to save the user a click.
+        if not self._parameterNode.inputVolume:
+            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolumeNode:
+                self._parameterNode.inputVolume = firstVolumeNode
+
+    def setParameterNode(self, inputParameterNode: PRISMRTParameterNode | None) -> None:
+        """Set and observe the parameter node; widgets with a SlicerParameterName property follow it."""
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGUIFromParameterNode)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            # Binds inputSelector <-> inputVolume. The preset combo box is synchronised by hand: its choices come
+            # from PRISMRTLib, which is imported only on first use.
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGUIFromParameterNode)
+        self._updateGUIFromParameterNode()
+
+    def _populateWindowPresets(self) -> None:
+        comboBox = self.ui.windowPresetComboBox
+        if comboBox.count > 0:
+            return
+        try:
+            names = windowPresetNames()
+        except ImportError as error:
+            # A dependency of PRISMRTLib is missing; the presets appear once it is installed on first use.
+            logging.info(f"PRISM-RT window presets not available yet: {error}")
+            return
+        wasBlocked = comboBox.blockSignals(True)
+        for name in names:
+            comboBox.addItem(name)
+        comboBox.blockSignals(wasBlocked)
+
+    def _updateGUIFromParameterNode(self, caller=None, event=None) -> None:
+        volumeNode = self._parameterNode.inputVolume if self._parameterNode else None
+        hasVolume = volumeNode is not None
+
+        self.ui.checkButton.enabled = hasVolume
+        self.ui.checkButton.toolTip = (
+            _("Check that the selected volume is a usable CT and show its summary")
+            if hasVolume else _("Select an input volume first")
+        )
+
+        comboBox = self.ui.windowPresetComboBox
+        comboBox.enabled = hasVolume and comboBox.count > 0
+        if self._parameterNode:
+            index = comboBox.findText(self._parameterNode.windowPreset)
+            if index >= 0 and index != comboBox.currentIndex:
+                wasBlocked = comboBox.blockSignals(True)
+                comboBox.currentIndex = index
+                comboBox.blockSignals(wasBlocked)
+
+        # A check result describes one volume: clear it when another one is selected.
+        volumeID = volumeNode.GetID() if hasVolume else None
+        if self._checkedVolumeID is not None and volumeID != self._checkedVolumeID:
+            self.ui.checkResultText.setPlainText("")
+            self._checkedVolumeID = None
+
+    def _ensurePythonPackages(self) -> bool:
+        """Install PRISMRTLib's missing Python packages after the user confirms. Returns False if declined."""
+        with slicer.util.tryWithErrorDisplay(_("Failed to install the Python packages that PRISM-RT needs."),
+                                             waitCursor=True):
+            if not self.logic.installPythonPackages(askConfirmation=True):
+                return False
+        self._populateWindowPresets()
+        self._updateGUIFromParameterNode()
+        return True
+
+    def onCheckButton(self) -> None:
+        """Convert the selected volume at the module boundary and show PRISMRTLib's check result."""
+        volumeNode = self._parameterNode.inputVolume if self._parameterNode else None
+        if volumeNode is None or not self._ensurePythonPackages():
+            return
+        errors = importPRISMRTLib("PRISMRTLib.errors")
+        with slicer.util.tryWithErrorDisplay(_("Failed to check the volume."), waitCursor=True):
+            try:
+                text = self.logic.checkVolume(volumeNode)
+            except errors.PrismRTError as error:
+                text = _("The volume '{name}' cannot be used:\n{error}").format(name=volumeNode.GetName(), error=error)
+            self.ui.checkResultText.setPlainText(text)
+            self._checkedVolumeID = volumeNode.GetID()
+
+    def onWindowPresetActivated(self, index: int) -> None:
+        """Apply the preset the user chose to the selected volume and remember it in the parameter node."""
+        presetName = self.ui.windowPresetComboBox.itemText(index)
+        if not self._parameterNode or not presetName:
+            return
+        self._parameterNode.windowPreset = presetName
+        volumeNode = self._parameterNode.inputVolume
+        if volumeNode is None:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to apply the window preset."), waitCursor=True):
+            self.logic.applyWindowPreset(volumeNode, presetName)
+
+
+#
+# PRISMRTLogic
+#
+
+
+class PRISMRTLogic(ScriptedLoadableModuleLogic):
+    """All computation behind the module, usable without the GUI (and, but for the parameter node and the
+    dependency installers, without the Slicer application). It converts between MRML volume nodes (RAS) and
+    SimpleITK images (LPS) and hands the work to PRISMRTLib.
+    """
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+
+    def getParameterNode(self):
+        return PRISMRTParameterNode(super().getParameterNode())
+
+    # Conversions at the module boundary
+
+    def volumeNodeToImage(self, volumeNode) -> "SimpleITK.Image":
+        """See :func:`volumeNodeToImage`."""
+        return volumeNodeToImage(volumeNode)
+
+    def imageToVolumeNode(self, image, name: str | None = None, scene=None, volumeNode=None,
+                          className: str = "vtkMRMLScalarVolumeNode"):
+        """See :func:`imageToVolumeNode`."""
+        return imageToVolumeNode(image, name=name, scene=scene, volumeNode=volumeNode, className=className)
+
+    # Work
+
+    def checkVolume(self, volumeNode) -> str:
+        """See :func:`checkVolume`."""
+        return checkVolume(volumeNode)
+
+    def windowPresetNames(self) -> list:
+        return windowPresetNames()
+
+    def applyWindowPreset(self, volumeNode, presetName: str) -> None:
+        """See :func:`applyWindowPreset`."""
+        applyWindowPreset(volumeNode, presetName)
+
+    # Dependencies (inside the Slicer application)
+
+    def installPythonPackages(self, askConfirmation: bool = True) -> bool:
+        """Install PRISMRTLib's missing pure-Python dependencies with pip, after a confirmation.
+
+        Returns True when everything is installed, False when the user declined.
+        """
+        missing = missingPythonPackages()
+        if not missing:
+            return True
+        if askConfirmation and not slicer.util.confirmOkCancelDisplay(
+            _("PRISM-RT needs these Python packages, which are not installed yet:\n{packages}\n\n"
+              "Install them now? This needs a network connection and may take a minute.").format(
+                packages=", ".join(missing)),
+            windowTitle=_("PRISM-RT: install Python packages"),
+        ):
+            logging.info("PRISM-RT: installation of Python packages declined by the user")
+            return False
+        slicer.util.pip_install(missing)
+        importlib.invalidate_caches()
+        stillMissing = missingPythonPackages()
+        if stillMissing:
+            raise RuntimeError(f"pip did not install {', '.join(stillMissing)}; see the Python console for its output.")
+        return True
+
+    def installTorch(self, askConfirmation: bool = True):
+        """Return the ``torch`` module, installing PyTorch through the PyTorch extension if needed.
+
+        Raises a PrismRTError that says what to do when the extension is missing or the user declines.
+        """
+        errors = importPRISMRTLib("PRISMRTLib.errors")
+        try:
+            import PyTorchUtils
+        except ModuleNotFoundError:
+            raise errors.PrismRTError(
+                "PRISM-RT needs the 'PyTorch' extension: install it in the Extensions Manager, restart Slicer "
+                "and try again."
+            ) from None
+        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+        if torchLogic.torchInstalled():
+            return torchLogic.torch
+        torch = torchLogic.installTorch(askConfirmation=askConfirmation,
+                                        torchVersionRequirement=TORCH_VERSION_REQUIREMENT)
+        if torch is None:
+            raise errors.PrismRTError(
+                "PyTorch was not installed, so the AI tools cannot run: install it in the 'PyTorch Utils' module "
+                f"(version {TORCH_VERSION_REQUIREMENT}) and try again."
+            )
+        return torch
+
+
+#
+# PRISMRTTest
+#
+
+
+class PRISMRTTest(ScriptedLoadableModuleTest):
+    """Self-test inside Slicer: a synthetic OpenKBP-like CT (made here, nothing downloaded) goes through the
+    module boundary, PRISMRTLib's check and a window preset.
+    """
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_Conversion()
+        self.setUp()
+        self.test_CheckVolume()
+        self.setUp()
+        self.test_WindowPreset()
+
+    @staticmethod
+    def _syntheticCT():
+        """A head-sized CT like OpenKBP's: LPS direction diag(1, 1, -1), 3.9 x 3.9 x 2.5 mm, air, soft tissue, bone."""
+        import SimpleITK as sitk
+
+        k, j, i = np.mgrid[0:40, 0:64, 0:64]
+        radius = np.hypot((i - 31.5) / 26.0, (j - 31.5) / 22.0)
+        array = np.full(radius.shape, -1000, dtype=np.int16)
+        array[radius < 1.0] = 40
+        array[(radius > 0.85) & (radius < 1.0)] = 900
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing((3.9, 3.9, 2.5))
+        image.SetOrigin((-124.8, -124.8, 60.0))
+        image.SetDirection((1, 0, 0, 0, 1, 0, 0, 0, -1))
+        return image
+
+    def test_Conversion(self):
+        import SimpleITK as sitk
+        import sitkUtils
+
+        self.delayDisplay("Volume node <-> SimpleITK image")
+        logic = PRISMRTLogic()
+        image = self._syntheticCT()
+        volumeNode = logic.imageToVolumeNode(image, "PRISMRTTestCT", scene=slicer.mrmlScene)
+        back = logic.volumeNodeToImage(volumeNode)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(image))
+        np.testing.assert_allclose(back.GetOrigin(), image.GetOrigin(), atol=1e-9)
+        np.testing.assert_allclose(back.GetSpacing(), image.GetSpacing(), atol=1e-9)
+        np.testing.assert_allclose(back.GetDirection(), image.GetDirection(), atol=1e-12)
+        # Slicer's own converter must agree on geometry and voxels.
+        pulled = sitkUtils.PullVolumeFromSlicer(volumeNode)
+        np.testing.assert_allclose(pulled.GetOrigin(), back.GetOrigin(), atol=1e-6)
+        np.testing.assert_allclose(pulled.GetDirection(), back.GetDirection(), atol=1e-9)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(pulled), sitk.GetArrayFromImage(back))
+        self.delayDisplay("Conversion test passed")
+
+    def test_CheckVolume(self):
+        self.delayDisplay("Volume check")
+        logic = PRISMRTLogic()
+        volumeNode = logic.imageToVolumeNode(self._syntheticCT(), "PRISMRTTestCT", scene=slicer.mrmlScene)
+        summary = logic.checkVolume(volumeNode)
+        self.assertIsInstance(summary, str)
+        self.assertTrue(summary.strip())
+
+        import SimpleITK as sitk
+
+        errors = importPRISMRTLib("PRISMRTLib.errors")
+        constant = sitk.Image(32, 32, 16, sitk.sitkInt16)
+        constantNode = logic.imageToVolumeNode(constant, "PRISMRTTestConstant", scene=slicer.mrmlScene)
+        with self.assertRaises(errors.PrismRTError):
+            logic.checkVolume(constantNode)
+        self.delayDisplay("Volume check test passed")
+
+    def test_WindowPreset(self):
+        self.delayDisplay("Window presets")
+        logic = PRISMRTLogic()
+        presets = importPRISMRTLib("PRISMRTLib.imaging").WINDOW_PRESETS
+        volumeNode = logic.imageToVolumeNode(self._syntheticCT(), "PRISMRTTestCT", scene=slicer.mrmlScene)
+        for name, preset in presets.items():
+            logic.applyWindowPreset(volumeNode, name)
+            displayNode = volumeNode.GetDisplayNode()
+            self.assertFalse(displayNode.GetAutoWindowLevel())
+            self.assertAlmostEqual(displayNode.GetWindow(), preset.width)
+            self.assertAlmostEqual(displayNode.GetLevel(), preset.level)
+        with self.assertRaises(ValueError):
+            logic.applyWindowPreset(volumeNode, "no-such-preset")
+        self.delayDisplay("Window preset test passed")
