@@ -1,0 +1,147 @@
+"""The PRISM-RT student: one DINOv3-style ViT pass, and per-teacher translators into each teacher's feature space.
+
+The translators are multi-resolution heads: student tokens (at whatever grid the input size gives) are projected,
+resampled to the teacher's grid and refined, so the student can run at 256, 512 or 1024 px and still produce
+MedSAM's 256 x 64 x 64 embedding, DINOv3's dense features and CLS, and BiomedCLIP's pre-projection CLS and patch
+tokens. Teachers' own light parts (SAM's decoder, BiomedCLIP's text tower and projection) then work unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .biomedclip import BIOMEDCLIP_PRESETS, BiomedCLIPConfig, ClipVisionTower
+from .dinov3 import DINOV3_PRESETS, DinoV3Config, build_dinov3, dinov3_input
+from .medsam import MEDSAM_PRESETS, MedSAMConfig
+
+
+@dataclass(frozen=True)
+class FeatureTarget:
+    """One translated feature: ``channels`` wide, on a ``grid`` x ``grid`` map (grid 0: a vector)."""
+
+    channels: int
+    grid: int = 0
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    timm_name: str = "vit_base_patch16_dinov3"
+    img_size: int = 512  # default input size; any multiple of 16 works (RoPE)
+    overrides: dict = field(default_factory=dict)
+    translator_hidden: int = 512
+    targets: dict = field(default_factory=dict)  # name -> FeatureTarget as dict
+
+    def target(self, name: str) -> FeatureTarget:
+        return FeatureTarget(**self.targets[name])
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StudentConfig":
+        return cls(**d)
+
+
+TARGET_NAMES = ("medsam", "dino_patches", "dino_cls", "clip_patches", "clip_cls")
+
+
+def teacher_targets(medsam: MedSAMConfig, dino: DinoV3Config, clip: BiomedCLIPConfig) -> dict:
+    """The feature shapes each teacher produces at its native input size (read off meta-device models)."""
+    with torch.device("meta"):
+        dino_width = build_dinov3(dino).num_features
+        clip_width = ClipVisionTower(clip).trunk.num_features
+    return {
+        "medsam": asdict(FeatureTarget(medsam.prompt_embed_dim, medsam.embedding_size)),
+        "dino_patches": asdict(FeatureTarget(dino_width, dino.img_size // 16)),
+        "dino_cls": asdict(FeatureTarget(dino_width)),
+        "clip_patches": asdict(FeatureTarget(clip_width, clip.image_size // 16)),
+        "clip_cls": asdict(FeatureTarget(clip_width)),
+    }
+
+
+def make_student_config(preset: str, teachers: str, **kw) -> StudentConfig:
+    """A student preset ("vit_base", "vit_small", "tiny") aimed at a set of teacher presets."""
+    backbones = {
+        "vit_base": dict(timm_name="vit_base_patch16_dinov3", translator_hidden=512),
+        "vit_small": dict(timm_name="vit_small_patch16_dinov3", translator_hidden=384),
+        "tiny": dict(timm_name="vit_small_patch16_dinov3", img_size=128, translator_hidden=32,
+                     overrides={"embed_dim": 48, "depth": 2, "num_heads": 2}),
+    }
+    teacher_sets = {
+        "official": ("vit_b", "vit_base", "vit_base"),
+        "tiny": ("tiny", "tiny", "tiny"),
+    }
+    m, d, c = teacher_sets[teachers]
+    targets = teacher_targets(MEDSAM_PRESETS[m], DINOV3_PRESETS[d], BIOMEDCLIP_PRESETS[c])
+    return StudentConfig(**{**backbones[preset], "targets": targets, **kw})
+
+
+class DenseTranslator(nn.Module):
+    """Tokens (B, h, w, D) -> features (B, C, G, G): per-token MLP, resample to the teacher grid, 3x3 refinement."""
+
+    def __init__(self, in_dim: int, hidden: int, target: FeatureTarget):
+        super().__init__()
+        self.grid = target.grid
+        self.mlp = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        self.refine = nn.Sequential(
+            nn.Conv2d(hidden, hidden, 3, padding=1), nn.GroupNorm(1, hidden), nn.GELU(),
+            nn.Conv2d(hidden, target.channels, 1),
+        )
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.mlp(tokens).permute(0, 3, 1, 2)
+        if x.shape[-1] != self.grid or x.shape[-2] != self.grid:
+            x = F.interpolate(x, size=(self.grid, self.grid), mode="bilinear", align_corners=False)
+        return self.refine(x)
+
+
+class VectorTranslator(nn.Module):
+    def __init__(self, in_dim: int, hidden: int, target: FeatureTarget):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden), nn.GELU(),
+                                 nn.Linear(hidden, target.channels))
+
+    def forward(self, cls: torch.Tensor) -> torch.Tensor:
+        return self.mlp(cls)
+
+
+class Student(nn.Module):
+    """Backbone + translators. ``forward`` takes (B, S, S) slices in [0, 1] and returns every target at once."""
+
+    def __init__(self, config: StudentConfig):
+        super().__init__()
+        self.config = config
+        self.backbone = timm.create_model(
+            config.timm_name, pretrained=False, num_classes=0, global_pool="token", img_size=config.img_size,
+            **config.overrides,
+        )
+        width = self.backbone.num_features
+        self.translators = nn.ModuleDict()
+        for name in TARGET_NAMES:
+            target = config.target(name)
+            kind = DenseTranslator if target.grid else VectorTranslator
+            self.translators[name] = kind(width, config.translator_hidden, target)
+
+    def tokens(self, images01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Student CLS (B, D) and patch tokens on their grid (B, h, w, D)."""
+        x = dinov3_input(images01)
+        tokens = self.backbone.forward_features(x)
+        p = self.backbone.patch_embed.patch_size
+        h, w = x.shape[-2] // p[0], x.shape[-1] // p[1]
+        return tokens[:, 0], tokens[:, self.backbone.num_prefix_tokens:].reshape(x.shape[0], h, w, -1)
+
+    def forward(self, images01: torch.Tensor) -> dict[str, torch.Tensor]:
+        cls, patches = self.tokens(images01)
+        return {
+            name: translator(patches if isinstance(translator, DenseTranslator) else cls)
+            for name, translator in self.translators.items()
+        }
+
+
+def build_student(config: StudentConfig) -> Student:
+    return Student(config).eval()
