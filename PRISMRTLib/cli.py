@@ -100,9 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("question")
     p.add_argument("--backend", choices=("prismrt", "teachers"), default="prismrt")
 
-    p = sub.add_parser("models", parents=[common], help="list, download, import or locate model weights")
-    p.add_argument("action", choices=("list", "download", "import", "path"))
-    p.add_argument("names", nargs="*")
+    p = sub.add_parser(
+        "models", parents=[common], help="list, download, import, locate or remove model weights",
+        description="Model weights live in a user cache (PRISMRT_HOME overrides its place). 'download' resumes an "
+                    "interrupted download; 'import NAME SOURCE' installs files carried in by hand (a folder or .zip), "
+                    "checking them against the manifest.",
+    )
+    p.add_argument("action", choices=("list", "download", "import", "path", "remove"))
+    p.add_argument("names", nargs="*", metavar="NAME", help="model name(s); for import: NAME SOURCE")
     return parser
 
 
@@ -164,6 +169,55 @@ def _mask_name(path: Path) -> str:
     return name
 
 
+def _progress_printer(name: str):
+    """A progress callback drawing one updating line on stderr (only when stderr is a terminal)."""
+    interactive = sys.stderr.isatty()
+    last = {"pct": -1}
+
+    def progress(done: int, total: int) -> None:
+        pct = int(100 * done / total) if total else 100
+        if interactive and pct != last["pct"]:
+            last["pct"] = pct
+            print(f"\r{name}: {done / 1e6:.1f} / {total / 1e6:.1f} MB ({pct}%)", end="", file=sys.stderr, flush=True)
+
+    return progress
+
+
+def cmd_models(args) -> int:
+    from . import weights
+
+    action, names = args.action, args.names
+    if action == "list":
+        statuses = weights.list_models()
+        if not statuses:
+            print("the manifest lists no models (add your own with PRISMRT_MANIFEST)")
+        for s in statuses:
+            state = f"installed at {s.path}" if s.installed else "not installed"
+            print(f"{s.name} {s.version}  {s.size / 1e6:.1f} MB  licence {s.licence}  {state}")
+        return 0
+    if action == "import":
+        if len(names) != 2:
+            raise PrismRTError("usage: prismrt models import NAME SOURCE (a folder or .zip holding the model's files)")
+        print(weights.import_model(names[0], names[1]))
+        return 0
+    if not names:
+        raise PrismRTError(f"name the model(s) to {action}: see 'prismrt models list'")
+    for name in names:
+        if action == "download":
+            try:  # Ctrl-C stops it; the partial file stays and the next download resumes from it
+                path = weights.ensure_model(name, progress=_progress_printer(name))
+            finally:
+                if sys.stderr.isatty():
+                    print(file=sys.stderr)
+            print(path)
+        elif action == "path":
+            print(weights.model_path(name))
+        elif action == "remove":
+            for path in weights.remove_model(name):
+                print(f"removed {path}")
+    return 0
+
+
 def cmd_not_available(args) -> int:
     raise NotAvailableError(
         f"'{args.command}' is not available in PRISM-RT {__version__}: its models are not part of this version yet "
@@ -177,7 +231,7 @@ COMMANDS = {
     "segment": cmd_not_available,
     "register": cmd_not_available,
     "ask": cmd_not_available,
-    "models": cmd_not_available,
+    "models": cmd_models,
 }
 
 

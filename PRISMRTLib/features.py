@@ -17,7 +17,7 @@ import torch
 
 from .imaging.resize import Letterbox
 from .models.biomedclip import biomedclip_input
-from .models.bundle import Bundle
+from .models.bundle import Bundle, BundleError
 from .models.dinov3 import dinov3_features, dinov3_input
 from .models.medsam import medsam_input
 
@@ -246,3 +246,39 @@ class TeacherBackend(FeatureBackend):
 def create_backend(bundle: Bundle, device: str = "cpu", **kw) -> FeatureBackend:
     """The backend a bundle provides: 'prismrt' bundles give the student, 'teachers' bundles the teachers."""
     return (StudentBackend if bundle.kind == "prismrt" else TeacherBackend)(bundle, device, **kw)
+
+
+# The models each backend uses unless told otherwise (names in the weights manifest).
+DEFAULT_MODELS = {"prismrt": "prismrt-student-vitb", "teachers": "teachers-official"}
+
+
+def open_backend(
+    backend: str = "prismrt",
+    model: str | None = None,
+    device: str = "auto",
+    *,
+    progress=None,
+    cancel=None,
+    **kw,
+) -> FeatureBackend:
+    """Get a backend ready to run: weights from the cache, downloaded and verified on first use.
+
+    ``model`` is a manifest name or a bundle folder; ``device`` "auto" picks CUDA when present, else the CPU.
+    """
+    from pathlib import Path
+
+    from .device import resolve_device
+    from .models.bundle import load_bundle
+    from .weights import ensure_model
+
+    if backend not in BACKENDS:
+        raise BundleError(f"unknown backend '{backend}': use one of {', '.join(BACKENDS)}")
+    name = model or DEFAULT_MODELS[backend]
+    folder = Path(name) if Path(name).is_dir() else ensure_model(name, progress=progress, cancel=cancel)
+    bundle = load_bundle(folder)
+    if bundle.kind != backend:
+        raise BundleError(
+            f"model '{name}' is a '{bundle.kind}' bundle, not one for the '{backend}' backend: "
+            f"choose a '{backend}' model (prismrt models list)"
+        )
+    return create_backend(bundle, resolve_device(device), **kw)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import DIRECTIONS, make_volume
+from prismrt_testing import DIRECTIONS, make_volume
 from PRISMRTLib.errors import ImageReadError, ImageWriteError
 from PRISMRTLib.imaging import (
     Geometry, check_volume, image_modality, list_dicom_series, read_image, write_image,

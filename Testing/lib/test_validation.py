@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import DIRECTIONS, make_volume
+from prismrt_testing import DIRECTIONS, make_volume
 from PRISMRTLib.errors import InvalidImageError
 from PRISMRTLib.imaging import check_volume
 
