@@ -26,7 +26,7 @@ from ..errors import PrismRTError
 from .biomedclip import BiomedCLIP, BiomedCLIPConfig, VocabTokenizer, build_biomedclip
 from .dinov3 import DinoV3Config, build_dinov3
 from .medsam import MedSAMConfig, build_medsam
-from .student import Student, StudentConfig, build_student
+from .student import StudentConfig, build_student
 
 BUNDLE_FORMAT = "prismrt-bundle"
 BUNDLE_FORMAT_VERSION = 1

@@ -6,7 +6,7 @@ MedSAM feeds the image encoder a 3-channel image scaled to [0, 1] with no mean/s
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import partial
 
 import torch

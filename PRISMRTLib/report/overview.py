@@ -180,7 +180,7 @@ def write_overview_report(
         "files": {k: str(v) for k, v in paths.items()},
     }
     lines = [
-        f"# PRISM-RT volume report",
+        "# PRISM-RT volume report",
         "",
         f"Source: `{source}`  ",
         f"PRISM-RT {__version__}",
@@ -191,7 +191,7 @@ def write_overview_report(
         "```",
         "",
         "## Overview",
-        f"![overview](overview.png)",
+        "![overview](overview.png)",
         "",
         "Window {} (L {:g} / W {:g} HU); slices through ({:.1f}, {:.1f}, {:.1f}) mm LPS: {}.".format(
             window_name, window.level, window.width, *shown["point_lps_mm"],

@@ -7,10 +7,8 @@ diag(-1, -1, 1) @ (IJKToRAS @ (i, j, k, 1)) in LPS and keep its value.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,22 +26,12 @@ from vtk.util import numpy_support  # noqa: E402
 
 from PRISMRTLib.errors import InvalidImageError, PrismRTError  # noqa: E402
 from PRISMRTLib.imaging import WINDOW_PRESETS  # noqa: E402
+from prismrt_testing import REPO, SAMPLE_DIR, SHARED_DATA, rotation  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
 MODULE_FILE = REPO / "PRISMRT" / "PRISMRT.py"
 FLIP = np.diag([-1.0, -1.0, 1.0])  # LPS <-> RAS
-SAMPLE_CT = REPO / "Testing" / "Data" / "openkbp_pt_226" / "ct.nii.gz"
-SHARED_DATA = Path(os.environ.get("PRISMRT_SHARED_DATA", REPO.parent / "shared" / "data"))  # as Testing/conftest.py
+SAMPLE_CT = SAMPLE_DIR / "ct.nii.gz"
 SHARED_CT = SHARED_DATA / "openkbp" / "validation-pats" / "pt_201" / "ct.nii.gz"
-
-
-def rotation(axis: int, degrees: float) -> np.ndarray:
-    t = np.radians(degrees)
-    c, s = np.cos(t), np.sin(t)
-    i, j = [a for a in range(3) if a != axis]
-    m = np.eye(3)
-    m[i, i], m[i, j], m[j, i], m[j, j] = c, -s, s, c
-    return m
 
 
 def ijk_to_ras(directions_ras, spacing, origin_ras) -> np.ndarray:

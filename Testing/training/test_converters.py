@@ -387,6 +387,16 @@ def test_dinov3_hf_layout_matches_transformers(teachers_bundle, dinov3_hf, hw):
     assert d_cls < ATOL and d_patch < ATOL
 
 
+def test_dinov3_sharded_hf_folder(ct, tmp_path, dinov3_hf):
+    _, reference = dinov3_hf
+    reference.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    model, _, info = ct.convert_dinov3(tmp_path / "sharded", 128, DINOV3_PRESETS["tiny"])
+    assert len(info["files"]) > 3  # shards + index + config.json, each hashed
+    d_cls, d_patch, _ = compare_dino(model, reference, torch.randn(1, 3, 64, 80, generator=torch.Generator().manual_seed(9)))
+    assert d_cls < ATOL and d_patch < ATOL
+
+
 def test_dinov3_meta_fixture_is_metas_layout(dinov3_hf, dinov3_meta):
     """The test's Meta file maps onto the HF checkpoint exactly by transformers' own Meta->HF renaming."""
     folder, _ = dinov3_hf
