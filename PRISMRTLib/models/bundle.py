@@ -218,6 +218,8 @@ def _check_matches(folder: Path, expected: dict, stored: dict) -> None:
 TEACHER_SETS = {
     # the real teachers: MedSAM (SAM ViT-B, 1024 px), DINOv3 ViT-B/16, BiomedCLIP ViT-B/16 + PubMedBERT
     "official": {"medsam": "vit_b", "dinov3": "vit_base", "biomedclip": "vit_base"},
+    # small teachers of the same architectures trained on OpenKBP head-and-neck CT (not for clinical use)
+    "standin": {"medsam": "standin", "dinov3": "standin", "biomedclip": "standin"},
     # the same architectures, tiny: for tests
     "tiny": {"medsam": "tiny", "dinov3": "tiny", "biomedclip": "tiny"},
 }

@@ -28,6 +28,11 @@ class DinoV3Config:
 DINOV3_PRESETS = {
     "vit_base": DinoV3Config(),
     "vit_small": DinoV3Config(timm_name="vit_small_patch16_dinov3"),
+    # stand-in teacher trained self-supervised on OpenKBP CT slices (training/standins)
+    "standin": DinoV3Config(
+        timm_name="vit_small_patch16_dinov3", img_size=128,
+        overrides={"embed_dim": 128, "depth": 4, "num_heads": 4, "patch_size": 8},
+    ),
     "tiny": DinoV3Config(
         timm_name="vit_small_patch16_dinov3", img_size=128, overrides={"embed_dim": 48, "depth": 2, "num_heads": 2}
     ),

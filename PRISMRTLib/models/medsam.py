@@ -52,6 +52,12 @@ class MedSAMConfig:
 MEDSAM_PRESETS = {
     # MedSAM = SAM ViT-B fine-tuned on medical images: the official checkpoint medsam_vit_b.pth
     "vit_b": MedSAMConfig(),
+    # stand-in teacher trained on OpenKBP head-and-neck CT (training/standins): 128 px slices, patch 8
+    "standin": MedSAMConfig(
+        img_size=128, patch_size=8, encoder_embed_dim=128, encoder_depth=4, encoder_num_heads=4,
+        encoder_global_attn_indexes=(1, 3), window_size=8, prompt_embed_dim=128, decoder_mlp_dim=512,
+        decoder_num_heads=4, mask_in_chans=16,
+    ),
     # same architecture, small enough for unit tests
     "tiny": MedSAMConfig(
         img_size=128, encoder_embed_dim=48, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=(1,),

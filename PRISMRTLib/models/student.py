@@ -53,13 +53,14 @@ TARGET_NAMES = ("medsam", "dino_patches", "dino_cls", "clip_patches", "clip_cls"
 def teacher_targets(medsam: MedSAMConfig, dino: DinoV3Config, clip: BiomedCLIPConfig) -> dict:
     """The feature shapes each teacher produces at its native input size (read off meta-device models)."""
     with torch.device("meta"):
-        dino_width = build_dinov3(dino).num_features
-        clip_width = ClipVisionTower(clip).trunk.num_features
+        dino_model = build_dinov3(dino)
+        clip_trunk = ClipVisionTower(clip).trunk
+    dino_width, clip_width = dino_model.num_features, clip_trunk.num_features
     return {
         "medsam": asdict(FeatureTarget(medsam.prompt_embed_dim, medsam.embedding_size)),
-        "dino_patches": asdict(FeatureTarget(dino_width, dino.img_size // 16)),
+        "dino_patches": asdict(FeatureTarget(dino_width, dino.img_size // dino_model.patch_embed.patch_size[0])),
         "dino_cls": asdict(FeatureTarget(dino_width)),
-        "clip_patches": asdict(FeatureTarget(clip_width, clip.image_size // 16)),
+        "clip_patches": asdict(FeatureTarget(clip_width, clip.image_size // clip_trunk.patch_embed.patch_size[0])),
         "clip_cls": asdict(FeatureTarget(clip_width)),
     }
 
@@ -74,6 +75,7 @@ def make_student_config(preset: str, teachers: str, **kw) -> StudentConfig:
     }
     teacher_sets = {
         "official": ("vit_b", "vit_base", "vit_base"),
+        "standin": ("standin", "standin", "standin"),
         "tiny": ("tiny", "tiny", "tiny"),
     }
     m, d, c = teacher_sets[teachers]
