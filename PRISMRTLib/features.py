@@ -248,8 +248,32 @@ def create_backend(bundle: Bundle, device: str = "cpu", **kw) -> FeatureBackend:
     return (StudentBackend if bundle.kind == "prismrt" else TeacherBackend)(bundle, device, **kw)
 
 
-# The models each backend uses unless told otherwise (names in the weights manifest).
-DEFAULT_MODELS = {"prismrt": "prismrt-student-vitb", "teachers": "teachers-official"}
+# The models each backend uses unless told otherwise (manifest names, in order of preference): the first one
+# installed wins; if none is, the first one the manifest knows is downloaded. The official teachers are converted
+# by each user (training/convert_teachers.py); the stand-ins ship with PRISM-RT.
+DEFAULT_MODELS = {
+    "prismrt": ("prismrt-student-vitb",),
+    "teachers": ("teachers-official", "teachers-standin-openkbp"),
+}
+
+
+def resolve_model(backend: str, progress=None, cancel=None):
+    """The folder of the model a backend uses by default (see :data:`DEFAULT_MODELS`)."""
+    from .weights import UnknownModelError, WeightsNotInstalledError, default_manifest, ensure_model, model_path
+
+    manifest = default_manifest()
+    known = [n for n in DEFAULT_MODELS[backend] if n in manifest.models]
+    for name in known:
+        try:
+            return model_path(name, manifest)
+        except WeightsNotInstalledError:
+            continue
+    if not known:
+        raise UnknownModelError(
+            f"no model for the '{backend}' backend is published yet ({', '.join(DEFAULT_MODELS[backend])}): "
+            "pass a bundle folder with --model, or use the other backend"
+        )
+    return ensure_model(known[0], progress=progress, cancel=cancel, manifest=manifest)
 
 
 def open_backend(
@@ -261,9 +285,10 @@ def open_backend(
     cancel=None,
     **kw,
 ) -> FeatureBackend:
-    """Get a backend ready to run: weights from the cache, downloaded and verified on first use.
+    """Get a backend ready to run: weights from the cache (or shipped), downloaded and verified on first use.
 
-    ``model`` is a manifest name or a bundle folder; ``device`` "auto" picks CUDA when present, else the CPU.
+    ``model`` is a manifest name or a bundle folder (default: :data:`DEFAULT_MODELS`); ``device`` "auto" picks
+    CUDA when present, else the CPU.
     """
     from pathlib import Path
 
@@ -273,12 +298,16 @@ def open_backend(
 
     if backend not in BACKENDS:
         raise BundleError(f"unknown backend '{backend}': use one of {', '.join(BACKENDS)}")
-    name = model or DEFAULT_MODELS[backend]
-    folder = Path(name) if Path(name).is_dir() else ensure_model(name, progress=progress, cancel=cancel)
+    if model is None:
+        folder = resolve_model(backend, progress, cancel)
+    elif Path(model).is_dir():
+        folder = Path(model)
+    else:
+        folder = ensure_model(model, progress=progress, cancel=cancel)
     bundle = load_bundle(folder)
     if bundle.kind != backend:
         raise BundleError(
-            f"model '{name}' is a '{bundle.kind}' bundle, not one for the '{backend}' backend: "
+            f"model '{model or folder}' is a '{bundle.kind}' bundle, not one for the '{backend}' backend: "
             f"choose a '{backend}' model (prismrt models list)"
         )
     return create_backend(bundle, resolve_device(device), **kw)

@@ -51,6 +51,22 @@ def model_dir(model: ModelEntry, root: Path | None = None) -> Path:
     return (root or cache_root()) / model.name / model.version
 
 
+# Small models shipped inside the package (stand-in teachers), laid out like the cache.
+SHIPPED_ROOT = Path(__file__).resolve().parent / "shipped"
+
+
+def shipped_dir(model: ModelEntry) -> Path | None:
+    """The package's own copy of a model, if it ships one and every file matches the manifest (size, SHA-256)."""
+    folder = model_dir(model, SHIPPED_ROOT)
+    if not folder.is_dir():
+        return None
+    for entry in model.files:
+        path = folder / entry.name
+        if not path.is_file() or path.stat().st_size != entry.size or sha256_file(path) != entry.sha256:
+            return None
+    return folder
+
+
 def part_path(path: Path) -> Path:
     return path.with_name(path.name + PART_SUFFIX)
 
@@ -122,8 +138,14 @@ def record_verified(model: ModelEntry, entry: FileEntry, root: Path | None = Non
 
 
 def model_path(name: str, manifest: Manifest | None = None) -> Path:
-    """The folder of an installed, verified model; else :class:`WeightsNotInstalledError` saying how to get it."""
+    """The folder of an installed, verified model; else :class:`WeightsNotInstalledError` saying how to get it.
+
+    A model shipped inside the package (and intact) counts as installed.
+    """
     model = (manifest or default_manifest()).get(name)
+    shipped = shipped_dir(model)
+    if shipped is not None:
+        return shipped
     states = check_files(model)
     bad = [s for s in states if not s.ok]
     if bad:

@@ -26,6 +26,7 @@ from .cache import (
     part_path,
     record_verified,
     remove_dir,
+    shipped_dir,
 )
 from .download import Cancel, DownloadConfig, Progress, cancel_check, download_file, new_session
 from .errors import ModelImportError, WeightsError
@@ -64,6 +65,9 @@ def ensure_model(
     partial file for the next call. Download failures raise :class:`DownloadError` subclasses.
     """
     model = (manifest or default_manifest()).get(name)
+    shipped = shipped_dir(model)
+    if shipped is not None:
+        return shipped
     folder = model_dir(model)
     if all(s.ok for s in check_files(model)):
         return folder
@@ -144,9 +148,10 @@ def list_models(manifest: Manifest | None = None) -> list[ModelStatus]:
     """Every model of the manifest, with whether it is installed (verified) in the cache."""
     statuses = []
     for model in (manifest or default_manifest()).models.values():
-        installed = all(s.ok for s in check_files(model))
+        shipped = shipped_dir(model)
+        installed = shipped is not None or all(s.ok for s in check_files(model))
         statuses.append(ModelStatus(model.name, model.version, model.description, model.licence, model.homepage,
-                                    model.size, installed, model_dir(model)))
+                                    model.size, installed, shipped or model_dir(model)))
     return statuses
 
 

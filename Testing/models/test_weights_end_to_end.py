@@ -102,3 +102,38 @@ def test_wrong_kind_of_bundle_for_the_backend(env):
 
     with pytest.raises(BundleError, match="not one for the 'prismrt' backend"):
         open_backend("prismrt", model="tiny-teachers", device="cpu")
+
+
+def test_a_model_shipped_in_the_package_needs_no_download(env, published, monkeypatch, tmp_path):
+    import shutil
+
+    import PRISMRTLib.weights.cache as cache
+    from PRISMRTLib.weights import ensure_model, list_models
+
+    root, entries = published
+    shipped = tmp_path / "shipped"
+    shutil.copytree(root / "tiny-teachers" / "1.0", shipped / "tiny-teachers" / "1.0")
+    monkeypatch.setattr(cache, "SHIPPED_ROOT", shipped)
+    # no server needed: point the manifest at a closed port
+    dead = json.loads(json.dumps(entries[0]))
+    for f in dead["files"]:
+        f["url"] = ["http://127.0.0.1:9/" + f["name"]]
+    _, manifest = env
+    manifest.write_text(json.dumps({"schema_version": 1, "models": [dead]}))
+    assert model_path("tiny-teachers") == shipped / "tiny-teachers" / "1.0"
+    assert ensure_model("tiny-teachers") == shipped / "tiny-teachers" / "1.0"
+    assert [s.installed for s in list_models()] == [True]
+    # a damaged shipped copy is not used
+    (shipped / "tiny-teachers" / "1.0" / "vocab.txt").write_text("tampered\n")
+    with pytest.raises(WeightsNotInstalledError):
+        model_path("tiny-teachers")
+
+
+def test_default_model_is_the_first_installed_then_the_first_known(env, monkeypatch):
+    import PRISMRTLib.features as features
+
+    monkeypatch.setitem(features.DEFAULT_MODELS, "teachers", ("not-in-manifest", "tiny-teachers"))
+    assert open_backend("teachers", device="cpu").bundle.name == "tiny-teachers"  # downloaded on first use
+    monkeypatch.setitem(features.DEFAULT_MODELS, "prismrt", ("not-in-manifest",))
+    with pytest.raises(Exception, match="no model for the 'prismrt' backend is published yet"):
+        open_backend("prismrt", device="cpu")
