@@ -393,7 +393,8 @@ def test_dinov3_sharded_hf_folder(ct, tmp_path, dinov3_hf):
     assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
     model, _, info = ct.convert_dinov3(tmp_path / "sharded", 128, DINOV3_PRESETS["tiny"])
     assert len(info["files"]) > 3  # shards + index + config.json, each hashed
-    d_cls, d_patch, _ = compare_dino(model, reference, torch.randn(1, 3, 64, 80, generator=torch.Generator().manual_seed(9)))
+    x = torch.randn(1, 3, 64, 80, generator=torch.Generator().manual_seed(9))
+    d_cls, d_patch, _ = compare_dino(model, reference, x)
     assert d_cls < ATOL and d_patch < ATOL
 
 
@@ -572,7 +573,8 @@ def test_bundle_records_sources_and_converter(teachers_bundle, medsam_official, 
     src = meta["sources"]
     assert src["medsam"]["sha256"] == hashlib.sha256(medsam_official[0].read_bytes()).hexdigest()
     dino_files = {f["file"]: f["sha256"] for f in src["dinov3"]["files"]}
-    assert dino_files["model.safetensors"] == hashlib.sha256((dinov3_hf[0] / "model.safetensors").read_bytes()).hexdigest()
+    weights = (dinov3_hf[0] / "model.safetensors").read_bytes()
+    assert dino_files["model.safetensors"] == hashlib.sha256(weights).hexdigest()
     assert "config.json" in dino_files
     clip_files = {f["file"] for f in src["biomedclip"]["files"]}
     assert clip_files == {"open_clip_pytorch_model.bin", "open_clip_config.json", "vocab.txt"}
