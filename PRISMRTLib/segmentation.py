@@ -1,0 +1,309 @@
+"""Interactive delineation: clicks (and a box) on CT slices give masks at once; masks propagate into 3D.
+
+A :class:`SegmentationSession` holds one volume, one slice orientation and one structure being drawn:
+
+- per-slice features are computed lazily by the feature backend and kept in a bounded LRU cache (clicks on a slice
+  only run MedSAM's prompt encoder and mask decoder); :meth:`prefetch` computes neighbours ahead, e.g. when idle;
+- points are LPS millimetres, mapped exactly to the slice pixel grid (:class:`SlicePlane`) and into the model grid
+  (:class:`Letterbox`); masks come back the same way and are written into the volume grid;
+- :meth:`propagate` grows the mask slice by slice in both directions, each slice prompted by its neighbour's mask
+  (box, interior point and mask logits), and stops where predicted quality or area says the structure ended;
+- every interaction can be undone and redone.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .errors import GeometryError, PrismRTError
+from .features import FeatureBackend, SliceFeatures
+from .imaging import Geometry, SlicePlane, Window, check_volume, get_window
+
+
+@dataclass
+class SlicePrompts:
+    """Prompts on one slice, in slice pixel coordinates (row, col)."""
+
+    points: list[tuple[float, float]] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)  # 1 positive, 0 negative
+    box: tuple[float, float, float, float] | None = None  # (row0, col0, row1, col1), pixel centres, inclusive
+
+    def copy(self) -> "SlicePrompts":
+        return SlicePrompts(list(self.points), list(self.labels), self.box)
+
+    def empty(self) -> bool:
+        return not self.points and self.box is None
+
+
+@dataclass
+class SliceResult:
+    index: int
+    mask: np.ndarray  # (rows, cols) bool, in display orientation
+    score: float  # predicted IoU of the chosen mask
+    area_mm2: float
+
+
+@dataclass
+class _Step:
+    """What one interaction changed, for undo/redo: per slice, (mask, logits, prompts, source) before and after."""
+
+    name: str
+    before: dict
+    after: dict = field(default_factory=dict)
+
+
+def interior_point(mask: np.ndarray) -> tuple[int, int] | None:
+    """The pixel of a 2D mask farthest from its boundary (row, col), or None for an empty mask."""
+    if not mask.any():
+        return None
+    padded = np.pad(mask.astype(np.uint8), 1)
+    distance = sitk.GetArrayFromImage(
+        sitk.SignedMaurerDistanceMap(sitk.GetImageFromArray(padded), insideIsPositive=True, squaredDistance=False,
+                                     useImageSpacing=False)
+    )[1:-1, 1:-1]
+    distance[~mask] = -np.inf
+    r, c = np.unravel_index(int(np.argmax(distance)), mask.shape)
+    return int(r), int(c)
+
+
+def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if len(rows) == 0:
+        return None
+    return int(rows[0]), int(cols[0]), int(rows[-1]), int(cols[-1])
+
+
+class SegmentationSession:
+    """Delineate one structure in one volume. Not thread-safe for interactions; :meth:`prefetch` may run in a
+    background thread while the user looks at the image."""
+
+    def __init__(self, backend: FeatureBackend, image: sitk.Image, orientation="axial",
+                 window: "Window | str" = "head-and-neck", cache_slices: int = 48):
+        check_volume(image)
+        self.backend = backend
+        self.image = image
+        self.geometry = Geometry.from_image(image)
+        self.plane = SlicePlane.create(self.geometry, orientation)
+        self.window = get_window(window) if isinstance(window, str) else window
+        self._hu = sitk.GetArrayViewFromImage(image)
+        self._cache: OrderedDict[int, SliceFeatures] = OrderedDict()
+        self._cache_size = max(1, int(cache_slices))
+        self._lock = threading.Lock()
+        self.mask = np.zeros(self.geometry.shape, np.uint8)  # the 3D result, (k, j, i)
+        self._logits: dict[int, np.ndarray] = {}  # low-res mask logits per slice (mask input for refinement)
+        self.prompts: dict[int, SlicePrompts] = {}
+        self._source: dict[int, str] = {}  # "clicks" or "propagated"
+        self._undo: list[_Step] = []
+        self._redo: list[_Step] = []
+
+    # ---- features ------------------------------------------------------------------------------------------------
+    def features(self, index: int) -> SliceFeatures:
+        index = self.plane.check_slice_index(index)
+        with self._lock:
+            if index in self._cache:
+                self._cache.move_to_end(index)
+                return self._cache[index]
+        slice01 = self.window.apply(self.plane.extract(self._hu, index))
+        features = self.backend.encode(slice01, self.plane.pixel_spacing)
+        with self._lock:
+            self._cache[index] = features
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return features
+
+    def prefetch(self, index: int, radius: int = 2) -> None:
+        """Compute features of the slices around ``index`` (nearest first) that are not cached yet."""
+        for offset in sorted(range(-radius, radius + 1), key=abs):
+            i = index + offset
+            if 0 <= i < self.plane.num_slices and i not in self._cache:
+                self.features(i)
+
+    # ---- prompts -> mask -----------------------------------------------------------------------------------------
+    def locate(self, point_lps) -> tuple[int, float, float]:
+        return self.plane.locate(point_lps)
+
+    @torch.inference_mode()
+    def _predict(self, index: int, prompts: SlicePrompts, mask_logits: np.ndarray | None):
+        features = self.features(index)
+        box = features.letterbox
+        be = self.backend
+        device = be.device
+        points = boxes = masks = None
+        if prompts.points:
+            rc = box.to_model(np.array(prompts.points, float))
+            coords = torch.tensor(rc[:, ::-1].copy(), dtype=torch.float32, device=device)[None]  # SAM takes (x, y)
+            labels = torch.tensor(prompts.labels, dtype=torch.int64, device=device)[None]
+            points = (coords, labels)
+        if prompts.box is not None:
+            r0, c0, r1, c1 = prompts.box
+            (mr0, mc0), (mr1, mc1) = box.to_model(np.array([[r0, c0], [r1, c1]], float))
+            boxes = torch.tensor([[mc0, mr0, mc1, mr1]], dtype=torch.float32, device=device)
+        if mask_logits is not None:
+            masks = torch.from_numpy(mask_logits).to(device)[None, None]
+        multimask = len(prompts.points) == 1 and prompts.box is None and masks is None
+        sparse, dense = be.prompt_encoder(points=points, boxes=boxes, masks=masks)
+        low_res, iou = be.mask_decoder(
+            image_embeddings=features.sam_embedding.to(device),
+            image_pe=be.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask,
+        )
+        best = int(torch.argmax(iou[0]))
+        logits = low_res[0, best].float().cpu().numpy()
+        mask = box.resize_to_slice(logits, order=1) > 0.0
+        return mask, float(iou[0, best]), logits
+
+    def _area_mm2(self, mask: np.ndarray) -> float:
+        sr, sc = self.plane.pixel_spacing
+        return float(np.count_nonzero(mask)) * sr * sc
+
+    def _state(self, index: int):
+        return (self.plane.extract(self.mask, index).copy(), self._logits.get(index),
+                self.prompts[index].copy() if index in self.prompts else None, self._source.get(index))
+
+    def _restore(self, index: int, state) -> None:
+        mask, logits, prompts, source = state
+        self.plane.insert(self.mask, index, mask)
+        for store, value in ((self._logits, logits), (self.prompts, prompts), (self._source, source)):
+            if value is None:
+                store.pop(index, None)
+            else:
+                store[index] = value
+
+    def _write(self, index: int, mask: np.ndarray, logits: np.ndarray | None, source: str) -> None:
+        self.plane.insert(self.mask, index, mask.astype(np.uint8))
+        if logits is None:
+            self._logits.pop(index, None)
+        else:
+            self._logits[index] = logits
+        self._source[index] = source
+
+    def _commit(self, step: _Step) -> None:
+        step.after = {i: self._state(i) for i in step.before}
+        self._undo.append(step)
+        self._redo.clear()
+
+    def _update_slice(self, index: int, prompts: SlicePrompts, name: str) -> SliceResult:
+        step = _Step(name, {index: self._state(index)})
+        if prompts.empty():
+            mask, score, logits = np.zeros(self.plane.slice_shape, bool), 0.0, None
+        else:
+            mask, score, logits = self._predict(index, prompts, self._logits.get(index) if prompts.points else None)
+        self.prompts[index] = prompts
+        self._write(index, mask, logits, "clicks")
+        self._commit(step)
+        return SliceResult(index, mask, score, self._area_mm2(mask))
+
+    def add_point(self, point_lps, positive: bool = True) -> SliceResult:
+        """A click at an LPS point (positive: include, negative: exclude); returns the slice's new mask."""
+        index, row, col = self.locate(point_lps)
+        prompts = self.prompts[index].copy() if index in self.prompts else SlicePrompts()
+        prompts.points.append((row, col))
+        prompts.labels.append(1 if positive else 0)
+        return self._update_slice(index, prompts, "positive click" if positive else "negative click")
+
+    def set_box(self, corner_a_lps, corner_b_lps) -> SliceResult:
+        """A box from two opposite corners (LPS) on the same slice."""
+        ia, ra, ca = self.locate(corner_a_lps)
+        ib, rb, cb = self.locate(corner_b_lps)
+        if ia != ib:
+            raise GeometryError(
+                f"the box corners are on different {self.plane.orientation.value} slices ({ia} and {ib}): "
+                "draw the box on one slice"
+            )
+        prompts = self.prompts[ia].copy() if ia in self.prompts else SlicePrompts()
+        prompts.box = (min(ra, rb), min(ca, cb), max(ra, rb), max(ca, cb))
+        return self._update_slice(ia, prompts, "box")
+
+    def clear_slice(self, index: int) -> None:
+        self._update_slice(self.plane.check_slice_index(index), SlicePrompts(), "clear slice")
+
+    # ---- propagation ---------------------------------------------------------------------------------------------
+    def propagate(self, from_index: int | None = None, *, min_score: float = 0.5, min_area_mm2: float = 20.0,
+                  min_overlap: float = 0.2, max_slices: int | None = None, progress=None) -> sitk.Image:
+        """Grow the mask from a drawn slice outward in both directions until the structure ends.
+
+        Each new slice is prompted with its neighbour's box, the neighbour's most interior point and its mask logits.
+        Propagation stops at a slice whose predicted IoU is below ``min_score``, whose area is below ``min_area_mm2``,
+        whose overlap (Dice) with the neighbour is below ``min_overlap``, or at a slice drawn with clicks (which
+        the user owns). Slices that were propagated before are replaced. Returns the 3D mask.
+        """
+        seeds = [i for i, s in self._source.items() if s == "clicks" and self.plane.extract(self.mask, i).any()]
+        if from_index is None:
+            if not seeds:
+                raise PrismRTError("nothing to propagate: click on the structure in one slice first")
+            from_index = seeds[-1] if len(seeds) == 1 else max(seeds, key=lambda i: self._area_mm2(
+                self.plane.extract(self.mask, i)))
+        from_index = self.plane.check_slice_index(from_index)
+        seed_mask = self.plane.extract(self.mask, from_index).astype(bool)
+        if not seed_mask.any():
+            raise PrismRTError(f"slice {from_index} has no mask to propagate from: click on the structure there first")
+        limit = self.plane.num_slices if max_slices is None else int(max_slices)
+        # slices that will change: every propagated slice (they are recomputed) and whatever we reach
+        step = _Step("propagate", {})
+        for direction in (+1, -1):
+            previous, prev_logits, index, done = seed_mask, self._logits.get(from_index), from_index + direction, 0
+            while 0 <= index < self.plane.num_slices and done < limit:
+                if self._source.get(index) == "clicks":
+                    break
+                if index not in step.before:
+                    step.before[index] = self._state(index)
+                r0, c0, r1, c1 = mask_box(previous)
+                prompts = SlicePrompts(points=[interior_point(previous)], labels=[1], box=(r0, c0, r1, c1))
+                mask, score, logits = self._predict(index, prompts, prev_logits)
+                area = self._area_mm2(mask)
+                overlap = 2 * np.count_nonzero(mask & previous) / max(1, np.count_nonzero(mask) + np.count_nonzero(previous))
+                if score < min_score or area < min_area_mm2 or overlap < min_overlap:
+                    break
+                self._write(index, mask, logits, "propagated")
+                previous, prev_logits = mask, logits
+                index += direction
+                done += 1
+                if progress:
+                    progress(index)
+            # clear stale propagated slices beyond where this propagation stopped
+            while 0 <= index < self.plane.num_slices and self._source.get(index) == "propagated":
+                step.before.setdefault(index, self._state(index))
+                self._write(index, np.zeros(self.plane.slice_shape, bool), None, "propagated")
+                self._source.pop(index, None)
+                index += direction
+        self._commit(step)
+        return self.result()
+
+    # ---- history and result --------------------------------------------------------------------------------------
+    def can_undo(self) -> bool:
+        return bool(self._undo)
+
+    def can_redo(self) -> bool:
+        return bool(self._redo)
+
+    def undo(self) -> str:
+        if not self._undo:
+            raise PrismRTError("nothing to undo")
+        step = self._undo.pop()
+        for index, state in step.before.items():
+            self._restore(index, state)
+        self._redo.append(step)
+        return step.name
+
+    def redo(self) -> str:
+        if not self._redo:
+            raise PrismRTError("nothing to redo")
+        step = self._redo.pop()
+        for index, state in step.after.items():
+            self._restore(index, state)
+        self._undo.append(step)
+        return step.name
+
+    def result(self) -> sitk.Image:
+        """The 3D mask as a uint8 image on the volume's grid (same size, spacing, origin, direction)."""
+        out = sitk.GetImageFromArray(self.mask.copy())
+        out.CopyInformation(self.image)
+        return out

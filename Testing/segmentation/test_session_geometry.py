@@ -1,0 +1,194 @@
+"""Clicks land on the right pixel and masks land on the right voxels, in all three orientations, on real OpenKBP
+geometry (direction z = -1, 3.9 x 3.9 x 2.5 mm).
+
+The backend here is an oracle with SAM's interface and SAM's coordinate conventions: its "embedding" is the slice
+letterboxed into the model grid, and its decoder returns the bright object of the slice if (and only if) the first
+positive point falls on it. Any flipped axis, swapped x/y, shifted letterbox or wrong slice index makes these fail,
+whatever the learned weights are.
+"""
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from PRISMRTLib.errors import GeometryError, PrismRTError
+from PRISMRTLib.features import FeatureBackend, SliceFeatures
+from PRISMRTLib.imaging import Geometry, Letterbox, SlicePlane
+from PRISMRTLib.segmentation import SegmentationSession, interior_point
+from prismrt_testing import SAMPLE_DIR
+
+MODEL_SIZE = 128
+
+
+class _OraclePrompts:
+    def __call__(self, points=None, boxes=None, masks=None):
+        return (points, boxes, masks), None
+
+    def get_dense_pe(self):
+        return None
+
+
+class _OracleDecoder:
+    def __call__(self, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
+                 multimask_output):
+        points, boxes, _ = sparse_prompt_embeddings
+        obj = image_embeddings[0, 0] > 0.5
+        n = 3 if multimask_output else 1
+        hit = True
+        if points is not None:
+            coords, labels = points
+            first = coords[0][labels[0] == 1][0]
+            # SAM's prompt encoder adds 0.5 and divides by the input size: pixel centres at integers
+            x, y = (first + 0.5) / MODEL_SIZE * obj.shape[-1] - 0.5
+            hit = bool(obj[int(round(float(y))), int(round(float(x)))])
+        if boxes is not None and not hit:  # a box prompt (propagation) also finds the object inside it
+            x0, y0, x1, y1 = ((boxes[0] + 0.5) / MODEL_SIZE * obj.shape[-1] - 0.5).round().int().tolist()
+            hit = bool(obj[max(y0, 0): y1 + 1, max(x0, 0): x1 + 1].any())
+        logits = torch.where(obj, 10.0, -10.0) if hit else torch.full_like(image_embeddings[0, 0], -10.0)
+        iou = torch.full((1, n), 0.95 if hit else 0.05)
+        return logits[None, None].expand(1, n, -1, -1), iou
+
+
+class OracleBackend(FeatureBackend):
+    name = "oracle"
+
+    def __init__(self):
+        self.device, self.half, self.batch_size, self.fallback_message = "cpu", False, 8, None
+        self.calls = 0
+
+    prompt_encoder = _OraclePrompts()
+    mask_decoder = _OracleDecoder()
+
+    def encode(self, slices, pixel_spacing=(1.0, 1.0)):
+        self.calls += 1
+        slices = np.asarray(slices, np.float32)
+        slices = slices[None] if slices.ndim == 2 else slices
+        box = Letterbox.fit(slices.shape[1:], pixel_spacing, MODEL_SIZE)
+        emb = torch.from_numpy(np.stack([box.resize_to_model(s, antialias=False) for s in slices]))[:, None]
+        z = torch.zeros(len(slices), 1)
+        return SliceFeatures(emb, z, emb, z, emb, z, letterbox=box)
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    """The real PTV70 of OpenKBP pt_226 as a bright object in a dark volume on the real CT grid."""
+    ct = sitk.ReadImage(str(SAMPLE_DIR / "ct.nii.gz"))
+    ptv = sitk.GetArrayFromImage(sitk.ReadImage(str(SAMPLE_DIR / "PTV70.nii.gz"))) > 0
+    image = sitk.GetImageFromArray(np.where(ptv, 200, -1000).astype(np.int16))
+    image.CopyInformation(ct)
+    return image, ptv
+
+
+def _dice(a, b):
+    return 2 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
+
+
+@pytest.mark.parametrize("orientation", ["axial", "coronal", "sagittal"])
+def test_click_on_the_target_gives_its_slice_at_the_right_voxels(phantom, orientation):
+    image, ptv = phantom
+    session = SegmentationSession(OracleBackend(), image, orientation, window="soft-tissue")
+    plane = session.plane
+    stack = plane.stack_view(ptv)
+    index = int(np.argmax(stack.sum(axis=(1, 2))))
+    r, c = interior_point(stack[index])
+    point = plane.slice_coords_to_point([index, r, c])
+    result = session.add_point(point)
+    assert result.index == index and result.score > 0.9
+    # the 3D mask equals the target on that slice and nothing elsewhere
+    mask = session.mask.astype(bool)
+    assert _dice(plane.stack_view(mask)[index], stack[index]) > 0.97
+    others = np.delete(plane.stack_view(mask), index, axis=0)
+    assert not others.any()
+
+
+@pytest.mark.parametrize("orientation", ["axial", "coronal", "sagittal"])
+def test_a_click_beside_the_target_finds_nothing(phantom, orientation):
+    """Mirror the click across the slice: if the pipeline flipped an axis it would hit the target."""
+    image, ptv = phantom
+    session = SegmentationSession(OracleBackend(), image, orientation, window="soft-tissue")
+    plane = session.plane
+    stack = plane.stack_view(ptv)
+    index = int(np.argmax(stack.sum(axis=(1, 2))))
+    rows, cols = plane.slice_shape
+    candidates = [(r, c) for r, c in np.argwhere(~stack[index]) if stack[index][rows - 1 - r, cols - 1 - c]
+                  and stack[index][r, cols - 1 - c] and stack[index][rows - 1 - r, c]]
+    if not candidates:
+        pytest.skip("the target is too symmetric in this slice for a mirrored click")
+    r, c = candidates[len(candidates) // 2]
+    result = session.add_point(plane.slice_coords_to_point([index, r, c]))
+    assert not result.mask.any()
+
+
+@pytest.mark.parametrize("orientation", ["axial", "coronal", "sagittal"])
+def test_propagation_rebuilds_the_target_in_3d(phantom, orientation):
+    image, ptv = phantom
+    session = SegmentationSession(OracleBackend(), image, orientation, window="soft-tissue")
+    plane = session.plane
+    stack = plane.stack_view(ptv)
+    index = int(np.argmax(stack.sum(axis=(1, 2))))
+    r, c = interior_point(stack[index])
+    session.add_point(plane.slice_coords_to_point([index, r, c]))
+    result = session.propagate(min_area_mm2=1.0, min_overlap=0.0)
+    out = sitk.GetArrayFromImage(result).astype(bool)
+    geometry_ok = Geometry.from_image(result)
+    np.testing.assert_allclose(geometry_ok.index_to_physical_matrix, Geometry.from_image(image).index_to_physical_matrix)
+    # every slice of the (contiguous) target is found at its own index; nothing outside it
+    slices_with_target = np.flatnonzero(stack.any(axis=(1, 2)))
+    slices_with_mask = np.flatnonzero(plane.stack_view(out).any(axis=(1, 2)))
+    assert np.array_equal(slices_with_mask, slices_with_target)
+    assert _dice(out, ptv) > 0.95
+    # one slice off would cost far more than that
+    assert _dice(np.roll(out, 1, axis=0), ptv) < _dice(out, ptv) - 0.03
+
+
+def test_undo_redo_and_corrections(phantom):
+    image, ptv = phantom
+    session = SegmentationSession(OracleBackend(), image, "axial", window="soft-tissue")
+    plane = session.plane
+    stack = plane.stack_view(ptv)
+    index = int(np.argmax(stack.sum(axis=(1, 2))))
+    r, c = interior_point(stack[index])
+    session.add_point(plane.slice_coords_to_point([index, r, c]))
+    one_slice = session.mask.copy()
+    session.propagate(min_area_mm2=1.0, min_overlap=0.0)
+    full = session.mask.copy()
+    assert full.sum() > one_slice.sum()
+    assert session.undo() == "propagate"
+    np.testing.assert_array_equal(session.mask, one_slice)
+    assert session.redo() == "propagate"
+    np.testing.assert_array_equal(session.mask, full)
+    # a click on a propagated slice makes it the user's; re-propagating from it keeps it
+    other = index + 3
+    r2, c2 = interior_point(stack[other])
+    session.add_point(plane.slice_coords_to_point([other, r2, c2]), positive=True)
+    assert session._source[other] == "clicks"
+    session.undo()
+    assert session._source[other] == "propagated"
+    session.undo()
+    session.undo()
+    assert not session.mask.any() and not session.can_undo()
+    with pytest.raises(PrismRTError, match="nothing to undo"):
+        session.undo()
+
+
+def test_features_are_cached_and_bounded(phantom):
+    image, _ = phantom
+    backend = OracleBackend()
+    session = SegmentationSession(backend, image, "axial", cache_slices=3)
+    session.prefetch(60, radius=2)
+    assert backend.calls == 5 and list(session._cache) == [61, 58, 62]  # nearest first, oldest evicted
+    session.features(62)
+    assert backend.calls == 5  # from the cache
+
+
+def test_bad_clicks_and_boxes_are_refused(phantom):
+    image, _ = phantom
+    session = SegmentationSession(OracleBackend(), image, "axial")
+    with pytest.raises(GeometryError, match="outside the volume"):
+        session.add_point([-50.0, 10.0, -10.0])
+    plane = session.plane
+    with pytest.raises(GeometryError, match="different axial slices"):
+        session.set_box(plane.slice_coords_to_point([10, 5, 5]), plane.slice_coords_to_point([12, 20, 20]))
+    with pytest.raises(PrismRTError, match="nothing to propagate"):
+        session.propagate()
