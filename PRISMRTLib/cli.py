@@ -78,16 +78,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="binary mask on the image grid to draw as a contour (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="replace outputs already in --out")
 
-    p = sub.add_parser("segment", parents=[common], help="GTV delineation from point prompts")
+    p = sub.add_parser(
+        "segment", parents=[common], help="GTV delineation from point prompts",
+        description="Clicks (and a box) on slices of a CT give a mask at once; --propagate grows it into 3D.",
+    )
     p.add_argument("image", type=_existing_path)
-    p.add_argument("--point", action="append", default=[], metavar="X,Y,Z", help="positive click (mm)")
-    p.add_argument("--negative", action="append", default=[], metavar="X,Y,Z", help="negative click (mm)")
-    p.add_argument("--box", metavar="X0,Y0,Z0,X1,Y1,Z1", help="box corners (mm)")
-    p.add_argument("--coords", choices=("lps", "ras"), default="lps")
+    p.add_argument("--point", action="append", default=[], metavar="X,Y,Z", help="positive click in mm (repeatable)")
+    p.add_argument("--negative", action="append", default=[], metavar="X,Y,Z", help="negative click in mm (repeatable)")
+    p.add_argument("--box", metavar="X0,Y0,Z0,X1,Y1,Z1", help="box by two opposite corners in mm, on one slice")
+    p.add_argument("--coords", choices=("lps", "ras"), default="lps", help="coordinate system of points (default lps)")
+    p.add_argument("--orientation", choices=("axial", "coronal", "sagittal"), default="axial",
+                   help="slices the prompts are on (default axial)")
+    p.add_argument("--window", default="head-and-neck", help="CT window preset the model sees (default head-and-neck)")
     p.add_argument("--propagate", action="store_true", help="propagate the mask into 3D")
     p.add_argument("--backend", choices=("prismrt", "teachers"), default="prismrt")
-    p.add_argument("--model", help="model name from 'prismrt models list'")
-    p.add_argument("--out", required=True, type=Path, help="output mask (.nii.gz, .nrrd)")
+    p.add_argument("--model", help="model name from 'prismrt models list', or a bundle folder")
+    p.add_argument("--out", required=True, type=Path, help="output mask (.nii.gz, .nii, .nrrd, .mha)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
     p = sub.add_parser("register", parents=[common], help="deformable registration with QA")
     p.add_argument("fixed", type=_existing_path)
@@ -218,6 +225,54 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_segment(args) -> int:
+    from .features import open_backend
+    from .imaging import read_image, write_image
+    from .imaging.geometry import parse_point, ras_to_lps
+    from .segmentation import SegmentationSession
+
+    def point(text):
+        p = parse_point(text)
+        return ras_to_lps(p) if args.coords == "ras" else p
+
+    positives, negatives = [point(t) for t in args.point], [point(t) for t in args.negative]
+    corners = None
+    if args.box:
+        values = [v for v in args.box.replace(";", ",").split(",") if v.strip()]
+        if len(values) != 6:
+            raise PrismRTError(f"--box needs six numbers X0,Y0,Z0,X1,Y1,Z1 (two corners in mm), got '{args.box}'")
+        corners = point(",".join(values[:3])), point(",".join(values[3:]))
+    if not positives and corners is None:
+        raise PrismRTError("give at least one --point on the structure (or a --box)")
+    if args.out.exists() and not args.overwrite:
+        raise PrismRTError(f"'{args.out}' already exists: choose another --out or pass --overwrite")
+    image = read_image(args.image)
+    backend = open_backend(args.backend, args.model, args.device, progress=_progress_printer("weights"))
+    session = SegmentationSession(backend, image, args.orientation, window=args.window)
+    results = []
+    if corners is not None:
+        results.append(session.set_box(*corners))
+    for p in positives:
+        results.append(session.add_point(p, positive=True))
+    for p in negatives:
+        results.append(session.add_point(p, positive=False))
+    if args.propagate:
+        session.propagate()
+    mask = session.result()
+    write_image(mask, args.out, overwrite=args.overwrite)
+    import numpy as np
+
+    voxels = int(np.count_nonzero(session.mask))
+    cc = voxels * float(np.prod(image.GetSpacing())) / 1000.0
+    slices = int(np.count_nonzero(session.plane.stack_view(session.mask).any(axis=(1, 2))))
+    last = results[-1]
+    print(f"wrote {args.out}: {cc:.1f} cm3 on {slices} {args.orientation} slice(s); "
+          f"predicted IoU on slice {last.index}: {last.score:.2f} ({backend.name} backend, {backend.device})")
+    if backend.fallback_message:
+        print(f"prismrt: warning: {backend.fallback_message}", file=sys.stderr)
+    return 0
+
+
 def cmd_not_available(args) -> int:
     raise NotAvailableError(
         f"'{args.command}' is not available in PRISM-RT {__version__}: its models are not part of this version yet "
@@ -228,7 +283,7 @@ def cmd_not_available(args) -> int:
 COMMANDS = {
     "info": cmd_info,
     "overview": cmd_overview,
-    "segment": cmd_not_available,
+    "segment": cmd_segment,
     "register": cmd_not_available,
     "ask": cmd_not_available,
     "models": cmd_models,

@@ -39,3 +39,21 @@ def make_volume(direction, size=(40, 36, 24), spacing=(3.9, 3.9, 2.5), origin=(-
     image.SetOrigin(origin)
     image.SetDirection(np.asarray(direction, float).ravel().tolist())
     return image
+
+
+def make_tiny_bundle(kind: str, folder: Path, seed: int = 0, words=None) -> dict:
+    """A randomly initialised bundle of the 'tiny' presets ('teachers' or 'prismrt'); returns its modules."""
+    import torch
+
+    from PRISMRTLib.models import build_components, preset_configs, save_bundle
+    from PRISMRTLib.models.biomedclip import write_vocab
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    vocab = write_vocab(words or "an axial ct slice of the left right parotid spinal cord target".split(),
+                        folder.parent / f".{folder.name}-vocab.txt")
+    torch.manual_seed(seed)
+    configs = preset_configs("tiny", "tiny" if kind == "prismrt" else None)
+    modules = build_components(kind, configs)
+    save_bundle(folder, kind, configs, modules, vocab, name=f"tiny-{kind}", version="0.0.1")
+    return modules

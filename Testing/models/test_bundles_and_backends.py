@@ -10,8 +10,9 @@ import torch
 
 from PRISMRTLib.features import SliceFeatures, StudentBackend, TeacherBackend, create_backend
 from PRISMRTLib.imaging import Geometry, SlicePlane, get_window
-from PRISMRTLib.models import BundleError, build_components, load_bundle, preset_configs, save_bundle
+from PRISMRTLib.models import BundleError, load_bundle, preset_configs, save_bundle
 from PRISMRTLib.models.biomedclip import write_vocab
+from prismrt_testing import make_tiny_bundle
 
 REPO = Path(__file__).resolve().parents[2]
 WORDS = "an axial ct slice of the left right parotid gland is visible in this image spinal cord target".split()
@@ -23,13 +24,7 @@ def vocab(tmp_path_factory):
 
 
 def _make(kind, folder, vocab, seed=0):
-    torch.manual_seed(seed)
-    configs = preset_configs("tiny", "tiny")
-    if kind == "teachers":
-        configs.pop("student")
-    modules = build_components(kind, configs)
-    save_bundle(folder, kind, configs, modules, vocab, name=f"tiny-{kind}", version="0.0.1")
-    return modules
+    return make_tiny_bundle(kind, folder, seed, WORDS)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import torch
 
 from PRISMRTLib.errors import GeometryError, PrismRTError
 from PRISMRTLib.features import FeatureBackend, SliceFeatures
-from PRISMRTLib.imaging import Geometry, Letterbox, SlicePlane
+from PRISMRTLib.imaging import Geometry, Letterbox
 from PRISMRTLib.segmentation import SegmentationSession, interior_point
 from prismrt_testing import SAMPLE_DIR
 

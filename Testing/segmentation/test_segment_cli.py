@@ -1,0 +1,60 @@
+"""`prismrt segment` end to end on the shipped CT with a tiny (random) teachers bundle: files, geometry, errors."""
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from PRISMRTLib.cli import main
+from PRISMRTLib.imaging import Geometry
+from prismrt_testing import SAMPLE_DIR, make_tiny_bundle
+
+CT = SAMPLE_DIR / "ct.nii.gz"
+
+
+@pytest.fixture(scope="module")
+def tiny_teachers(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bundles") / "tiny-teachers"
+    make_tiny_bundle("teachers", folder)
+    return folder
+
+
+def _voxel_point(i, j, k):
+    return ",".join(f"{v:.3f}" for v in sitk.ReadImage(str(CT)).TransformIndexToPhysicalPoint((i, j, k)))
+
+
+def test_segment_writes_a_mask_on_the_ct_grid(tiny_teachers, tmp_path, capsys):
+    out = tmp_path / "gtv.nii.gz"
+    args = ["segment", str(CT), "--point", _voxel_point(64, 70, 60), "--negative", _voxel_point(30, 70, 60),
+            "--backend", "teachers", "--model", str(tiny_teachers), "--device", "cpu", "--out", str(out)]
+    assert main(args) == 0
+    assert "wrote" in capsys.readouterr().out
+    mask = sitk.ReadImage(str(out))
+    np.testing.assert_allclose(Geometry.from_image(mask).index_to_physical_matrix,
+                               Geometry.from_image(sitk.ReadImage(str(CT))).index_to_physical_matrix, atol=1e-4)
+    arr = sitk.GetArrayFromImage(mask)
+    assert set(np.unique(arr)) <= {0, 1}
+    assert not np.delete(arr, 60, axis=0).any()  # without --propagate only the clicked axial slice (k = 60)
+    # the output is not replaced without --overwrite
+    assert main(args) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(args + ["--overwrite", "--propagate"]) == 0
+
+
+def test_segment_input_errors(tiny_teachers, tmp_path, capsys):
+    base = ["segment", str(CT), "--backend", "teachers", "--model", str(tiny_teachers), "--out", str(tmp_path / "m.nii.gz")]
+    assert main(base) == 2
+    assert "at least one --point" in capsys.readouterr().err
+    assert main(base + ["--point", "-5000,0,0"]) == 2
+    assert "outside the volume" in capsys.readouterr().err
+    assert main(base + ["--box", "1,2,3,4"]) == 2
+    assert "six numbers" in capsys.readouterr().err
+    assert main(base + ["--box", _voxel_point(40, 40, 60) + "," + _voxel_point(80, 90, 61)]) == 2
+    assert "different axial slices" in capsys.readouterr().err
+    assert not (tmp_path / "m.nii.gz").exists()
+
+
+def test_segment_without_a_published_student(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PRISMRT_HOME", str(tmp_path / "cache"))
+    code = main(["segment", str(CT), "--point", _voxel_point(64, 70, 60), "--out", str(tmp_path / "m.nii.gz")])
+    assert code == 2
+    assert "no model for the 'prismrt' backend is published yet" in capsys.readouterr().err
