@@ -96,6 +96,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output mask (.nii.gz, .nii, .nrrd, .mha)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
+    p = sub.add_parser(
+        "eval-seg", parents=[common], help="evaluate delineation with simulated clicks (DSC, IoU, HD95)",
+        description="Cases are CASES/NAME/ct.nii.gz with CASES/NAME/STRUCTURE.nii.gz (the OpenKBP layout). The first "
+                    "click is at the structure's most interior voxel; each further click at the centre of the largest "
+                    "3D error region; the mask is propagated after every click.",
+    )
+    p.add_argument("cases", type=_existing_path, help="folder of cases")
+    p.add_argument("--structure", action="append", default=[], help="structure file name without .nii.gz "
+                   "(repeatable; default PTV70)")
+    p.add_argument("--backend", action="append", choices=("prismrt", "teachers"), default=[],
+                   help="backend(s) to evaluate (repeatable; two give a paired Wilcoxon test)")
+    p.add_argument("--prismrt-model", help="model for the prismrt backend (name or bundle folder)")
+    p.add_argument("--teachers-model", help="model for the teachers backend (name or bundle folder)")
+    p.add_argument("--clicks", type=int, default=3, help="clicks per case (default 3)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N cases")
+    p.add_argument("--window", default="head-and-neck")
+    p.add_argument("--out", required=True, type=Path, help="output folder for results.json and results.md")
+    p.add_argument("--overwrite", action="store_true")
+
     p = sub.add_parser("register", parents=[common], help="deformable registration with QA")
     p.add_argument("fixed", type=_existing_path)
     p.add_argument("moving", type=_existing_path)
@@ -273,6 +292,62 @@ def cmd_segment(args) -> int:
     return 0
 
 
+def cmd_eval_seg(args) -> int:
+    import json
+    import time
+
+    import SimpleITK as sitk
+
+    from .features import open_backend
+    from .imaging import read_image
+    from .seg_eval import evaluate_case, find_cases, markdown_table, summarise, to_records, wilcoxon
+
+    structures = args.structure or ["PTV70"]
+    backends = list(dict.fromkeys(args.backend or ["prismrt"]))
+    outputs = [args.out / "results.json", args.out / "results.md"]
+    if any(p.exists() for p in outputs) and not args.overwrite:
+        raise PrismRTError(f"{args.out} already holds results: choose another --out or pass --overwrite")
+    if args.clicks < 1:
+        raise PrismRTError("--clicks must be at least 1")
+    models = {"prismrt": args.prismrt_model, "teachers": args.teachers_model}
+    results, timing = [], {}
+    for name in backends:
+        backend = open_backend(name, models[name], args.device, progress=_progress_printer("weights"))
+        start = time.perf_counter()
+        for structure in structures:
+            cases = find_cases(args.cases, structure)[: args.limit]
+            if not cases:
+                raise PrismRTError(f"no case in {args.cases} has ct.nii.gz and {structure}.nii.gz")
+            for case, ct_path, mask_path in cases:
+                image = read_image(ct_path)
+                reference = sitk.GetArrayFromImage(read_image(mask_path)) > 0
+                if not reference.any():
+                    continue
+                results += evaluate_case(backend, image, reference, case=case, structure=structure,
+                                         max_clicks=args.clicks, window=args.window)
+                last = results[-1]
+                print(f"{name} {structure} {case}: DSC {last.dice:.3f} after {last.clicks} clicks", file=sys.stderr)
+        timing[name] = time.perf_counter() - start
+    rows = summarise(results)
+    tests = {}
+    if len(backends) == 2:
+        for structure in structures:
+            for clicks in range(1, args.clicks + 1):
+                subset = [r for r in results if r.structure == structure]
+                tests[f"{structure}/{clicks}"] = wilcoxon(subset, backends[0], backends[1], clicks)
+    args.out.mkdir(parents=True, exist_ok=True)
+    outputs[0].write_text(json.dumps({"summary": rows, "wilcoxon_dice": tests, "seconds": timing,
+                                      "cases": to_records(results)}, indent=2) + "\n")
+    text = markdown_table(rows)
+    if tests:
+        text += "\n\nPaired Wilcoxon signed-rank test of DSC, " + f"{backends[0]} vs {backends[1]}:\n\n"
+        text += "| structure/clicks | n | p |\n|---|---|---|\n" + "\n".join(
+            f"| {k} | {v['n']} | {v['p_value']:.3g} |" for k, v in tests.items())
+    outputs[1].write_text(text + "\n")
+    print(text)
+    return 0
+
+
 def cmd_not_available(args) -> int:
     raise NotAvailableError(
         f"'{args.command}' is not available in PRISM-RT {__version__}: its models are not part of this version yet "
@@ -284,6 +359,7 @@ COMMANDS = {
     "info": cmd_info,
     "overview": cmd_overview,
     "segment": cmd_segment,
+    "eval-seg": cmd_eval_seg,
     "register": cmd_not_available,
     "ask": cmd_not_available,
     "models": cmd_models,

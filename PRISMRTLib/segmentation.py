@@ -263,6 +263,7 @@ class SegmentationSession:
                 if score < min_score or area < min_area_mm2 or overlap < min_overlap:
                     break
                 self._write(index, mask, logits, "propagated")
+                self.prompts[index] = prompts  # a later click on this slice refines these prompts
                 previous, prev_logits = mask, logits
                 index += direction
                 done += 1
@@ -273,6 +274,7 @@ class SegmentationSession:
                 step.before.setdefault(index, self._state(index))
                 self._write(index, np.zeros(self.plane.slice_shape, bool), None, "propagated")
                 self._source.pop(index, None)
+                self.prompts.pop(index, None)
                 index += direction
         self._commit(step)
         return self.result()

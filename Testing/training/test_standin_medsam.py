@@ -1,0 +1,187 @@
+"""training/standins/medsam.py: click simulation, Dice, batched decoding, resumable training and evaluation of the
+MedSAM-like stand-in (on the tiny preset and synthetic cases, so it runs in seconds on a CPU)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from safetensors.torch import load_file
+
+from PRISMRTLib.imaging import Geometry
+from PRISMRTLib.models.medsam import MEDSAM_PRESETS, build_medsam
+from training.data import STRUCTURES, CTCase
+from training.standins import medsam as M
+
+
+# ---- click simulation ------------------------------------------------------------------------------------------------
+def brute_force_inside_distance(mask: np.ndarray) -> np.ndarray:
+    """Distance of each mask pixel to the nearest pixel outside it, the border counting as outside (O(n^2))."""
+    padded = np.pad(mask, 1)
+    outside = np.argwhere(~padded)
+    out = np.zeros(mask.shape)
+    for r, c in np.argwhere(mask):
+        out[r, c] = np.sqrt(((outside - (r + 1, c + 1)) ** 2).sum(1)).min()
+    return out
+
+
+def test_inside_distance_is_exact_euclidean():
+    rng = np.random.default_rng(3)
+    mask = np.zeros((24, 20), bool)
+    mask[2:20, 3:17] = True
+    mask[rng.random(mask.shape) < 0.08] = False  # holes
+    mask[0:5, 0:4] = True  # touches the image border
+    np.testing.assert_allclose(M.inside_distance(mask), brute_force_inside_distance(mask), atol=1e-5)
+    assert not M.inside_distance(np.zeros((5, 5), bool)).any()
+
+
+def test_first_click_is_the_interior_point_farthest_from_the_boundary():
+    mask = np.zeros((40, 40), bool)
+    mask[5:12, 5:30] = True  # thin bar: depth 4
+    mask[20:35, 18:33] = True  # square 15 x 15: centre (27, 25), depth 8
+    assert M.first_click(mask) == (27, 25)
+    # random first clicks (training) stay inside, in the deep half
+    rng = np.random.default_rng(0)
+    depth = brute_force_inside_distance(mask)
+    for _ in range(30):
+        r, c = M.first_click(mask, rng)
+        assert mask[r, c] and depth[r, c] >= 0.5 * depth.max()
+    with pytest.raises(ValueError):
+        M.first_click(np.zeros((4, 4), bool))
+
+
+def test_corrective_click_lands_in_the_largest_error_with_the_right_label():
+    target = np.zeros((64, 64), bool)
+    target[10:50, 10:50] = True
+    # false negative: a 12 x 12 hole in the prediction; false positive: a 4 x 4 blob outside
+    pred = target.copy()
+    pred[20:32, 30:42] = False
+    pred[55:59, 55:59] = True
+    r, c, label = M.corrective_click(pred, target)
+    assert label == 1 and 20 <= r < 32 and 30 <= c < 42 and not pred[r, c] and target[r, c]
+    assert (r, c) in {(25, 35), (25, 36), (26, 35), (26, 36)}  # the hole's centre
+    # the other way round: a large false positive outside, a thin false negative at the edge
+    pred = target.copy()
+    pred[10:50, 10:12] = False
+    pred[52:64, 30:45] = True
+    r, c, label = M.corrective_click(pred, target)
+    assert label == 0 and 52 <= r < 64 and 30 <= c < 45 and pred[r, c] and not target[r, c]
+    # random corrective clicks (training): same region, same label
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        r, c, label = M.corrective_click(pred, target, rng)
+        assert label == 0 and pred[r, c] and not target[r, c]
+    assert M.corrective_click(target, target) is None
+
+
+def test_dice_and_boxes_on_hand_computed_cases():
+    a = np.array([[1, 1, 0, 0]], bool)
+    b = np.array([[1, 0, 1, 0]], bool)
+    assert M.dice(a, b) == pytest.approx(0.5)
+    assert M.dice(a, a) == 1.0
+    assert M.dice(a, np.zeros_like(a)) == 0.0
+    assert M.dice(np.zeros_like(a), np.zeros_like(a)) == 1.0
+    big = np.zeros((10, 10), bool)
+    big[2:8, 2:8] = True  # 36 px
+    small = np.zeros((10, 10), bool)
+    small[2:5, 2:5] = True  # 9 px inside
+    assert M.dice(big, small) == pytest.approx(2 * 9 / 45)
+    mask = np.zeros((30, 40), bool)
+    mask[5:12, 20:31] = True
+    assert M.tight_box(mask) == (20, 5, 30, 11)  # x0, y0, x1, y1 inclusive
+    rng = np.random.default_rng(0)
+    boxes = np.array([M.jittered_box(mask, rng) for _ in range(200)])
+    assert (np.abs(boxes - [20, 5, 30, 11]) <= 4).all()
+    assert (boxes[:, 0] <= boxes[:, 2]).all() and (boxes[:, 1] <= boxes[:, 3]).all()
+    assert len({tuple(b) for b in boxes}) > 10  # jittered, not fixed
+
+
+# ---- model ----------------------------------------------------------------------------------------------------------
+def test_batched_decode_matches_segment_anything_one_image_at_a_time():
+    torch.manual_seed(0)
+    model = build_medsam(MEDSAM_PRESETS["tiny"])
+    emb = torch.randn(3, 32, 8, 8)
+    coords = torch.tensor([[[10.0, 20.0], [40.0, 50.0]], [[60.0, 5.0], [7.0, 90.0]], [[100.0, 100.0], [3.0, 3.0]]])
+    labels = torch.tensor([[1.0, 0.0], [1.0, 1.0], [1.0, 0.0]])
+    mask_in = torch.randn(3, 1, 32, 32)
+    with torch.inference_mode():
+        low, iou = M.decode(model, emb, points=(coords, labels), mask_input=mask_in, multimask=True)
+        for i in range(3):
+            sparse, dense = model.prompt_encoder(points=(coords[i:i + 1], labels[i:i + 1]), boxes=None,
+                                                 masks=mask_in[i:i + 1])
+            ref_low, ref_iou = model.mask_decoder(emb[i:i + 1], model.prompt_encoder.get_dense_pe(), sparse, dense,
+                                                  multimask_output=True)
+            torch.testing.assert_close(low[i:i + 1], ref_low, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(iou[i:i + 1], ref_iou, rtol=1e-5, atol=1e-5)
+    assert low.shape == (3, 3, 32, 32)
+
+
+# ---- training and evaluation on synthetic cases ---------------------------------------------------------------------
+def synthetic_case(name: str, shift: int) -> CTCase:
+    """A 48 x 48 x 12 'head': soft tissue in air, a bright 'mandible' block and a round 'PTV70' (OpenKBP geometry)."""
+    k, j, i = np.mgrid[0:12, 0:48, 0:48]
+    hu = np.full(k.shape, -1000, np.int16)
+    hu[(j - 24) ** 2 + (i - 24) ** 2 < 20 ** 2] = 30
+    ptv = (j - 20 - shift) ** 2 + (i - 22) ** 2 + (2 * (k - 6)) ** 2 < 9 ** 2
+    mandible = (j >= 32) & (j < 38) & (i >= 14 + shift) & (i < 34) & (k >= 2) & (k < 9)
+    hu[ptv] = 90
+    hu[mandible] = 700
+    labels = ((ptv.astype(np.uint16) << STRUCTURES.index("PTV70"))
+              | (mandible.astype(np.uint16) << STRUCTURES.index("Mandible")))
+    image = sitk.GetImageFromArray(hu)
+    image.SetSpacing((3.906, 3.906, 2.5))
+    image.SetDirection((1, 0, 0, 0, 1, 0, 0, 0, -1))
+    return CTCase(name, hu, labels.astype(np.uint16), Geometry.from_image(image))
+
+
+@pytest.fixture(scope="module")
+def cases():
+    return [synthetic_case("pt_1", 0), synthetic_case("pt_2", 3)]
+
+
+FAST = dict(batch_size=2, config="tiny", iterations=2, log_every=1, ckpt_every=1, verbose=False)
+
+
+def test_training_resumes_to_the_same_weights_and_round_trips(tmp_path, cases):
+    once = M.train(tmp_path / "once", steps=4, cases=cases, **FAST)
+    first = M.train(tmp_path / "split", steps=4, cases=cases, stop_at=2, **FAST)
+    assert (tmp_path / "split" / M.CHECKPOINT_NAME).exists()
+    assert not (tmp_path / "split" / M.WEIGHTS_NAME).exists()  # not finished yet
+    assert torch.load(tmp_path / "split" / M.CHECKPOINT_NAME, weights_only=True)["step"] == 2
+    resumed = M.train(tmp_path / "split", steps=4, cases=cases, **FAST)
+    a, b = once.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], v) for k, v in first.state_dict().items())  # 2 more steps changed something
+
+    import json
+    log = json.loads((tmp_path / "split" / M.LOG_NAME).read_text())["log"]
+    assert [e["step"] for e in log] == [1, 2, 3, 4] and all(np.isfinite(e["loss"]) for e in log)
+
+    # the final weights: safetensors with the Sam state dict, loaded back to the same model
+    state = load_file(str(tmp_path / "once" / M.WEIGHTS_NAME))
+    assert state.keys() == a.keys()
+    loaded = M.load_trained(tmp_path / "once")
+    assert not loaded.training
+    assert all(torch.equal(loaded.state_dict()[k], a[k]) for k in a)
+
+    # a checkpoint made with other settings is not silently continued
+    with pytest.raises(ValueError, match="other settings"):
+        M.train(tmp_path / "split", steps=4, cases=cases, **{**FAST, "iterations": 3})
+
+
+def test_evaluate_reports_clicks_and_box_per_structure(cases):
+    assert M.largest_axial_slice(cases[0], "PTV70") == 6
+    assert M.largest_axial_slice(cases[0], "Brainstem") is None
+    torch.manual_seed(0)
+    model = build_medsam(MEDSAM_PRESETS["tiny"])
+    result = M.evaluate(model, cases)
+    assert set(result["per_structure"]) == {"PTV70", "Mandible"}
+    for v in result["per_structure"].values():
+        assert v["n"] == 2
+        assert all(0.0 <= v[k] <= 1.0 for k in ("clicks_1", "clicks_3", "clicks_5", "box"))
+    assert len(result["rows"]) == 4
+    assert "| PTV70 | 2 |" in result["markdown"] and "5 clicks" in result["markdown"]
+    # deterministic
+    assert M.evaluate(model, cases)["rows"] == result["rows"]
