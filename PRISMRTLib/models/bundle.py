@@ -109,8 +109,13 @@ def save_bundle(
     version: str,
     meta: dict | None = None,
     overwrite: bool = False,
+    float_dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write a bundle folder atomically (a temporary folder renamed into place)."""
+    """Write a bundle folder atomically (a temporary folder renamed into place).
+
+    ``float_dtype`` (e.g. ``torch.float16``) stores floating-point tensors at that precision to save space; they are
+    loaded back into the modules' own precision.
+    """
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -120,7 +125,8 @@ def save_bundle(
         raise BundleError(f"a '{kind}' bundle needs the components {COMPONENTS.get(kind)}, got {sorted(modules)}")
     tensors = _flatten(modules)
     # tied or shared tensors must be stored once each under their own key
-    tensors = {k: v.clone() for k, v in tensors.items()}
+    tensors = {k: (v.to(float_dtype) if float_dtype is not None and v.is_floating_point() else v).clone()
+               for k, v in tensors.items()}
     config = {
         "format": BUNDLE_FORMAT,
         "format_version": BUNDLE_FORMAT_VERSION,

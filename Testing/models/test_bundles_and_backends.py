@@ -184,3 +184,17 @@ def test_no_pickle_on_any_load_path():
             if needle in text:
                 offenders.append(f"{path.relative_to(REPO)}: {needle}")
     assert offenders == []
+
+
+def test_half_precision_storage_loads_into_float32(tmp_path, vocab):
+    configs = preset_configs("tiny", None)
+    torch.manual_seed(1)
+    from PRISMRTLib.models import build_components
+
+    modules = build_components("teachers", configs)
+    save_bundle(tmp_path / "half", "teachers", configs, modules, vocab, name="h", version="0", float_dtype=torch.float16)
+    loaded = load_bundle(tmp_path / "half")
+    p = dict(loaded.modules["dinov3"].named_parameters())["patch_embed.proj.weight"]
+    ref = dict(modules["dinov3"].named_parameters())["patch_embed.proj.weight"]
+    assert p.dtype == torch.float32
+    torch.testing.assert_close(p, ref.half().float())
