@@ -80,6 +80,14 @@ def phantom():
     return image, ptv
 
 
+def _largest_slice(session, ptv):
+    """The target's largest slice in the session's orientation, its display stack, and its most interior point."""
+    stack = session.plane.stack_view(ptv)
+    index = int(np.argmax(stack.sum(axis=(1, 2))))
+    r, c = interior_point(stack[index])
+    return index, stack, session.plane.slice_coords_to_point([index, r, c])
+
+
 def _dice(a, b):
     return 2 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
 
@@ -89,10 +97,7 @@ def test_click_on_the_target_gives_its_slice_at_the_right_voxels(phantom, orient
     image, ptv = phantom
     session = SegmentationSession(OracleBackend(), image, orientation, window="soft-tissue")
     plane = session.plane
-    stack = plane.stack_view(ptv)
-    index = int(np.argmax(stack.sum(axis=(1, 2))))
-    r, c = interior_point(stack[index])
-    point = plane.slice_coords_to_point([index, r, c])
+    index, stack, point = _largest_slice(session, ptv)
     result = session.add_point(point)
     assert result.index == index and result.score > 0.9
     # the 3D mask equals the target on that slice and nothing elsewhere
@@ -108,8 +113,7 @@ def test_a_click_beside_the_target_finds_nothing(phantom, orientation):
     image, ptv = phantom
     session = SegmentationSession(OracleBackend(), image, orientation, window="soft-tissue")
     plane = session.plane
-    stack = plane.stack_view(ptv)
-    index = int(np.argmax(stack.sum(axis=(1, 2))))
+    index, stack, _ = _largest_slice(session, ptv)
     rows, cols = plane.slice_shape
     candidates = [(r, c) for r, c in np.argwhere(~stack[index]) if stack[index][rows - 1 - r, cols - 1 - c]
                   and stack[index][r, cols - 1 - c] and stack[index][rows - 1 - r, c]]
@@ -125,10 +129,8 @@ def test_propagation_rebuilds_the_target_in_3d(phantom, orientation):
     image, ptv = phantom
     session = SegmentationSession(OracleBackend(), image, orientation, window="soft-tissue")
     plane = session.plane
-    stack = plane.stack_view(ptv)
-    index = int(np.argmax(stack.sum(axis=(1, 2))))
-    r, c = interior_point(stack[index])
-    session.add_point(plane.slice_coords_to_point([index, r, c]))
+    index, stack, point = _largest_slice(session, ptv)
+    session.add_point(point)
     result = session.propagate(min_area_mm2=1.0, min_overlap=0.0)
     out = sitk.GetArrayFromImage(result).astype(bool)
     geometry_ok = Geometry.from_image(result)
@@ -146,10 +148,8 @@ def test_undo_redo_and_corrections(phantom):
     image, ptv = phantom
     session = SegmentationSession(OracleBackend(), image, "axial", window="soft-tissue")
     plane = session.plane
-    stack = plane.stack_view(ptv)
-    index = int(np.argmax(stack.sum(axis=(1, 2))))
-    r, c = interior_point(stack[index])
-    session.add_point(plane.slice_coords_to_point([index, r, c]))
+    index, stack, point = _largest_slice(session, ptv)
+    session.add_point(point)
     one_slice = session.mask.copy()
     session.propagate(min_area_mm2=1.0, min_overlap=0.0)
     full = session.mask.copy()

@@ -171,8 +171,44 @@ def test_training_resumes_to_the_same_weights_and_round_trips(tmp_path, cases):
         M.train(tmp_path / "split", steps=4, cases=cases, **{**FAST, "iterations": 3})
 
 
+def test_load_case_reads_the_masks_exactly(tmp_path, cases):
+    case = cases[1]
+    folder = tmp_path / "pt_7"
+    folder.mkdir()
+    ct = sitk.GetImageFromArray(case.hu)
+    ct.SetSpacing((3.906, 3.906, 2.5))
+    ct.SetDirection((1, 0, 0, 0, 1, 0, 0, 0, -1))
+    sitk.WriteImage(ct, str(folder / "ct.nii.gz"))
+    for name in ("PTV70", "Mandible"):
+        mask = sitk.GetImageFromArray((case.labels >> STRUCTURES.index(name) & 1).astype(np.uint8))
+        mask.CopyInformation(ct)
+        sitk.WriteImage(mask, str(folder / f"{name}.nii.gz"))
+    for _ in range(3):
+        (loaded,) = M.load_cases(tmp_path)
+        np.testing.assert_array_equal(loaded.labels, case.labels)
+        np.testing.assert_array_equal(loaded.hu, case.hu)
+    assert loaded.name == "pt_7" and loaded.present == case.present
+
+
+def test_central_and_largest_axial_slices():
+    k, j, i = np.mgrid[0:10, 0:8, 0:8]
+    # a cone along the axial axis: area grows with k on slices 2..7 (largest at 7, centre of mass at 5.9 -> 6)
+    cone = (k >= 2) & (k <= 7) & (np.abs(j - 4) + np.abs(i - 4) <= k - 2)
+    labels = (cone.astype(np.uint16) << STRUCTURES.index("PTV70")).astype(np.uint16)
+    image = sitk.GetImageFromArray(np.zeros(k.shape, np.int16))
+    case = CTCase("pt_0", np.zeros(k.shape, np.int16), labels, Geometry.from_image(image))
+    from PRISMRTLib.imaging import Orientation, SlicePlane
+    plane = SlicePlane.create(case.geometry, Orientation.AXIAL)
+    areas = [int(np.count_nonzero(plane.extract(labels, n))) for n in range(plane.num_slices)]
+    centre = sum(n * a for n, a in enumerate(areas)) / sum(areas)
+    assert M.largest_axial_slice(case, "PTV70") == int(np.argmax(areas))
+    assert M.central_axial_slice(case, "PTV70") == int(round(centre))
+    assert M.central_axial_slice(case, "PTV70") != M.largest_axial_slice(case, "PTV70")
+    assert M.central_axial_slice(case, "Larynx") is None
+
+
 def test_evaluate_reports_clicks_and_box_per_structure(cases):
-    assert M.largest_axial_slice(cases[0], "PTV70") == 6
+    assert M.largest_axial_slice(cases[0], "PTV70") == 6 == M.central_axial_slice(cases[0], "PTV70")
     assert M.largest_axial_slice(cases[0], "Brainstem") is None
     torch.manual_seed(0)
     model = build_medsam(MEDSAM_PRESETS["tiny"])
@@ -185,3 +221,4 @@ def test_evaluate_reports_clicks_and_box_per_structure(cases):
     assert "| PTV70 | 2 |" in result["markdown"] and "5 clicks" in result["markdown"]
     # deterministic
     assert M.evaluate(model, cases)["rows"] == result["rows"]
+    assert M.evaluate(model, cases, slice_choice="largest")["slice"] == "axial slice of largest area"
