@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,13 +42,10 @@ class CTCase:
     def has(self, structure: str) -> bool:
         return bool(self.present >> STRUCTURES.index(structure) & 1)
 
-    @property
+    @functools.cached_property
     def present(self) -> int:
-        bits = 0
-        for s in range(len(STRUCTURES)):
-            if np.any(self.labels & (1 << s)):
-                bits |= 1 << s
-        return bits
+        """Bit field of the structures present in the case (computed once)."""
+        return int(np.bitwise_or.reduce(self.labels, axis=None))
 
 
 def load_case(folder: "str | Path") -> CTCase:
@@ -58,7 +56,8 @@ def load_case(folder: "str | Path") -> CTCase:
     for s, name in enumerate(STRUCTURES):
         path = folder / f"{name}.nii.gz"
         if path.exists():
-            labels |= (sitk.GetArrayViewFromImage(read_image(path)) > 0).astype(np.uint16) << s
+            # a copy, not a view: a view of a temporary image would outlive the image's memory
+            labels |= (sitk.GetArrayFromImage(read_image(path)) > 0).astype(np.uint16) << s
     return CTCase(folder.name, hu, labels, Geometry.from_image(ct))
 
 

@@ -166,6 +166,10 @@ def test_training_resumes_to_the_same_weights_and_round_trips(tmp_path, cases):
     assert not loaded.training
     assert all(torch.equal(loaded.state_dict()[k], a[k]) for k in a)
 
+    # training curves
+    pytest.importorskip("matplotlib")
+    assert M.plot_log(tmp_path / "split").name == "medsam_curves.png"
+
     # a checkpoint made with other settings is not silently continued
     with pytest.raises(ValueError, match="other settings"):
         M.train(tmp_path / "split", steps=4, cases=cases, **{**FAST, "iterations": 3})
@@ -207,7 +211,7 @@ def test_central_and_largest_axial_slices():
     assert M.central_axial_slice(case, "Larynx") is None
 
 
-def test_evaluate_reports_clicks_and_box_per_structure(cases):
+def test_evaluate_reports_clicks_and_box_per_structure(tmp_path, cases):
     assert M.largest_axial_slice(cases[0], "PTV70") == 6 == M.central_axial_slice(cases[0], "PTV70")
     assert M.largest_axial_slice(cases[0], "Brainstem") is None
     torch.manual_seed(0)
@@ -222,3 +226,6 @@ def test_evaluate_reports_clicks_and_box_per_structure(cases):
     # deterministic
     assert M.evaluate(model, cases)["rows"] == result["rows"]
     assert M.evaluate(model, cases, slice_choice="largest")["slice"] == "axial slice of largest area"
+    report = M.write_report(tmp_path, {"central": result}).read_text()
+    assert result["markdown"] in report
+    assert f"PTV70 from 3 clicks: {result['per_structure']['PTV70']['clicks_3']:.3f}" in report

@@ -1,0 +1,744 @@
+"""MedSAM-like stand-in teacher: SAM's architecture (segment_anything) at 128 px, trained on OpenKBP head-and-neck CT.
+
+Training follows SAM's interactive recipe on the ten OpenKBP structures, in axial, coronal and sagittal slices:
+
+- each step takes ``batch_size`` slices (:class:`training.data.SliceSampler`: counter-based, so resumable; half of
+  them axial, the rest coronal and sagittal; mirrored left-right where anatomy allows), windowed with jitter
+  (:func:`training.data.augment_window`), and prompts ``prompts_per_image`` structures visible in each (one encoder
+  pass serves them, as in SAM);
+- an object's first prompt is either a box (its bounding box, each side jittered by a few pixels) or one positive
+  click at a random interior point (at least half as deep as the deepest);
+- then ``iterations - 1`` corrective rounds: a click is added in the current error region (positive in a false
+  negative, negative in a false positive; see :func:`corrective_click`) and the previous low-res mask logits are fed
+  back as the mask prompt;
+- every round is supervised: BCE + soft Dice on the mask (upsampled to the input size), and MSE between the predicted
+  and the actual IoU. A first single-click prompt asks for SAM's three masks and the loss takes the best one
+  (the IoU head is trained on all three); every other prompt asks for one mask.
+
+Evaluation (:func:`evaluate`) is deterministic: on each structure's central axial slice (its centre of mass along the
+axial axis; or the slice of largest area), clicks are simulated as above but always at the deepest point (first click:
+of the structure; then: of the largest error region), and a tight box is tried alone. The soft-tissue window W350/L60
+is used; the first click's mask is the one of SAM's three with the highest predicted IoU.
+
+Coordinates follow segment_anything: points are (x=column, y=row) pixel indices of the model input and boxes are
+(x0, y0, x1, y1) with inclusive pixel indices; the prompt encoder shifts both to pixel centres itself.
+
+Command line (``python -m training.standins.medsam --help``)::
+
+    python -m training.standins.medsam train --out training/runs/medsam --steps 700   # then evaluates
+    python -m training.standins.medsam evaluate --out training/runs/medsam [--slice largest]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+from fractions import Fraction
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from segment_anything.modeling import Sam
+
+from PRISMRTLib.imaging import Geometry, Orientation, SlicePlane, read_image
+from PRISMRTLib.imaging.intensity import Window
+from PRISMRTLib.models.medsam import MEDSAM_PRESETS, MedSAMConfig, build_medsam, medsam_input
+from training.data import STRUCTURES, CTCase, SliceSampler, augment_window, cut_slice
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED_DATA = Path(os.environ.get("PRISMRT_SHARED_DATA", REPO.parent / "shared" / "data"))
+TRAIN_DIR = SHARED_DATA / "openkbp" / "train-pats"
+VAL_DIR = SHARED_DATA / "openkbp" / "validation-pats"
+
+WEIGHTS_NAME = "medsam_standin.safetensors"
+CONFIG_NAME = "medsam_standin.json"
+CHECKPOINT_NAME = "checkpoint.pt"
+LOG_NAME = "train_log.json"
+EVAL_WINDOW = Window(60, 350)  # soft tissue: augment_window's centre, and what evaluation feeds the model
+MIN_PIXELS = 10  # a structure must cover this many pixels of a slice to be prompted
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# click simulation and metrics (numpy, one slice at a time)
+# ---------------------------------------------------------------------------------------------------------------------
+def inside_distance(mask: np.ndarray) -> np.ndarray:
+    """Euclidean distance in pixels from each pixel of ``mask`` to the nearest pixel outside it (1 on its boundary;
+    the image border counts as outside); 0 outside the mask."""
+    mask = np.asarray(mask, bool)
+    if not mask.any():
+        return np.zeros(mask.shape, np.float32)
+    outside = sitk.GetImageFromArray(np.pad(~mask, 1, constant_values=True).astype(np.uint8))
+    d = sitk.GetArrayFromImage(_distance_filter().Execute(outside))[1:-1, 1:-1]
+    return np.where(mask, d, 0).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=1)
+def _distance_filter() -> sitk.SignedMaurerDistanceMapImageFilter:
+    # one thread: these maps are tiny, and ITK's threads would fight torch's for the cores
+    f = sitk.SignedMaurerDistanceMapImageFilter()
+    f.SetInsideIsPositive(False)  # the mask is outside the "object" (its complement): positive distances there
+    f.SetSquaredDistance(False)
+    f.SetUseImageSpacing(False)
+    f.SetNumberOfThreads(1)
+    return f
+
+
+def _pick(distance: np.ndarray, rng: np.random.Generator | None, interior: float) -> tuple[int, int]:
+    """The pixel farthest from the boundary (``rng`` None; first in raster order on ties), or a random pixel at
+    least ``interior`` times that far."""
+    if rng is None:
+        return tuple(int(v) for v in np.unravel_index(int(np.argmax(distance)), distance.shape))
+    rows, cols = np.nonzero(distance >= interior * float(distance.max()))
+    k = int(rng.integers(len(rows)))
+    return int(rows[k]), int(cols[k])
+
+
+def first_click(mask: np.ndarray, rng: np.random.Generator | None = None, interior: float = 0.5) -> tuple[int, int]:
+    """(row, col) of a first positive click: the interior point farthest from the boundary (deterministic), or with
+    ``rng`` a random point at least ``interior`` times as deep (training)."""
+    d = inside_distance(mask)
+    if d.max() <= 0:
+        raise ValueError("cannot click in an empty mask")
+    return _pick(d, rng, interior)
+
+
+def corrective_click(pred: np.ndarray, target: np.ndarray, rng: np.random.Generator | None = None,
+                     interior: float = 0.5) -> tuple[int, int, int] | None:
+    """The next click from the current error, as the interactive-segmentation benchmarks simulate a user.
+
+    The error splits into false negatives (target not predicted) and false positives (predicted, not target). The
+    largest error region is the one with the largest inscribed disk, i.e. holding the pixel farthest from the
+    error's boundary; the click goes there (deterministic), or with ``rng`` to a random pixel of that error at least
+    ``interior`` times as deep (training). Returns (row, col, label), label 1 (positive) in a false negative,
+    0 (negative) in a false positive; None when the prediction is exact.
+    """
+    pred, target = np.asarray(pred, bool), np.asarray(target, bool)
+    d_fn, d_fp = inside_distance(target & ~pred), inside_distance(pred & ~target)
+    if d_fn.max() <= 0 and d_fp.max() <= 0:
+        return None
+    positive = d_fn.max() >= d_fp.max()
+    row, col = _pick(d_fn if positive else d_fp, rng, interior)
+    return row, col, int(positive)
+
+
+def dice(pred: np.ndarray, target: np.ndarray) -> float:
+    """Dice of two binary masks; 1.0 when both are empty."""
+    pred, target = np.asarray(pred, bool), np.asarray(target, bool)
+    total = int(pred.sum()) + int(target.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.count_nonzero(pred & target)) / total
+
+
+def tight_box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1): the mask's bounding box in inclusive pixel indices (SAM's XYXY)."""
+    rows, cols = np.nonzero(mask)
+    return int(cols.min()), int(rows.min()), int(cols.max()), int(rows.max())
+
+
+def jittered_box(mask: np.ndarray, rng: np.random.Generator, fraction: float = 0.1, max_px: int = 4):
+    """The bounding box with each side moved by N(0, fraction * side) pixels, at most ``max_px``, kept in the image."""
+    x0, y0, x1, y1 = tight_box(mask)
+    h, w = mask.shape
+    sx, sy = fraction * (x1 - x0 + 1), fraction * (y1 - y0 + 1)
+    j = np.clip(np.rint(rng.normal(0, 1, 4) * [sx, sy, sx, sy]), -max_px, max_px).astype(int)
+    x0, x1 = sorted((int(np.clip(x0 + j[0], 0, w - 1)), int(np.clip(x1 + j[2], 0, w - 1))))
+    y0, y1 = sorted((int(np.clip(y0 + j[1], 0, h - 1)), int(np.clip(y1 + j[3], 0, h - 1))))
+    return x0, y0, x1, y1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# model pieces
+# ---------------------------------------------------------------------------------------------------------------------
+def decode(model: Sam, embeddings: torch.Tensor, points=None, boxes=None, mask_input=None, multimask: bool = False):
+    """Masks for a batch of images, one prompt set per image: (B, M, L, L) low-res logits and (B, M) predicted IoU.
+
+    segment_anything's mask decoder takes one image and many prompts (it repeats the image embedding per prompt), so
+    the per-image embeddings go in through the dense prompt (added to the image embedding there) with a zero image
+    embedding: the same sum, computed by the unchanged decoder.
+    """
+    sparse, dense = model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+    return model.mask_decoder(
+        image_embeddings=torch.zeros_like(embeddings[:1]),
+        image_pe=model.prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense + embeddings,
+        multimask_output=multimask,
+    )
+
+
+def _upsample(low_res: torch.Tensor, size: int) -> torch.Tensor:
+    return F.interpolate(low_res, (size, size), mode="bilinear", align_corners=False)
+
+
+def _points(clicks: list[list[tuple[int, int, int]]], device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-image click lists of equal length (row, col, label) -> SAM's (coords (x, y), labels)."""
+    if not clicks or not clicks[0]:
+        return None
+    arr = np.asarray(clicks, np.float32)  # (B, N, 3)
+    coords = torch.from_numpy(arr[..., [1, 0]].copy()).to(device)
+    return coords, torch.from_numpy(arr[..., 2].copy()).to(device)
+
+
+def _boxes(boxes, device) -> torch.Tensor | None:
+    return None if boxes is None else torch.tensor(np.asarray(boxes, np.float32), device=device)
+
+
+def _select(masks: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return masks[torch.arange(len(masks), device=masks.device), index][:, None]
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# training
+# ---------------------------------------------------------------------------------------------------------------------
+class _Case(CTCase):
+    """A case whose structure bit field is computed once (CTCase.present scans the volume on every call)."""
+
+    @functools.cached_property
+    def present(self) -> int:  # type: ignore[override]
+        return CTCase.present.fget(self)
+
+
+def _cached(cases: list[CTCase]) -> list[CTCase]:
+    return [c if isinstance(c, _Case) else _Case(c.name, c.hu, c.labels, c.geometry) for c in cases]
+
+
+def load_case(folder) -> _Case:
+    """As :func:`training.data.load_case`, but keeping each SimpleITK image alive while numpy reads its pixels
+    (``training.data.load_case`` compares a ``GetArrayViewFromImage`` view of a temporary image, which is freed
+    first: a few label voxels per case come from freed memory, and now and then the process crashes)."""
+    folder = Path(folder)
+    ct = read_image(folder / "ct.nii.gz")
+    hu = sitk.GetArrayFromImage(ct).astype(np.int16)
+    labels = np.zeros(hu.shape, np.uint16)
+    for s, name in enumerate(STRUCTURES):
+        path = folder / f"{name}.nii.gz"
+        if path.exists():
+            labels |= (sitk.GetArrayFromImage(read_image(path)) > 0).astype(np.uint16) << s
+    return _Case(folder.name, hu, labels, Geometry.from_image(ct))
+
+
+def load_cases(split_dir, limit: int | None = None) -> list[_Case]:
+    """All patients of a split (``pt_*`` folders) in a stable order, as :func:`training.data.load_cases`."""
+    folders = sorted(Path(split_dir).glob("pt_*"), key=lambda p: int(p.name.split("_")[1]))
+    if not folders:
+        raise FileNotFoundError(f"no pt_* patient folders in {split_dir}")
+    return [load_case(f) for f in folders[:limit]]
+
+
+@dataclass
+class TrainSettings:
+    """Everything that fixes a run's result besides the data (a resumed run must match its checkpoint)."""
+
+    steps: int
+    seed: int = 0
+    batch_size: int = 8  # slices per step (each with prompts_per_image objects)
+    config: dict | None = None
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    warmup: int = 0  # steps; 0 = 5% of the run
+    prompts_per_image: int = 2  # objects prompted per slice (each with its own prompts)
+    axial_share: float = 0.5  # fraction of axial slices (the rest coronal and sagittal, equally)
+    iterations: int = 4  # prompt rounds per object: the first prompt, then corrective clicks
+    p_box: float = 0.5  # chance that the first prompt is a box (else one click)
+    iou_weight: float = 1.0
+    clip: float = 1.0
+    train_cases: str = ""
+
+
+def _orientations(axial_share: float) -> tuple[str, ...]:
+    """Orientations to draw from uniformly: about ``axial_share`` axial, the rest coronal and sagittal equally."""
+    if not 0 < axial_share <= 1:
+        raise ValueError("axial_share must be in (0, 1]")
+    f = Fraction(axial_share).limit_denominator(20)
+    return ("axial",) * (2 * f.numerator) + ("coronal", "sagittal") * (f.denominator - f.numerator)
+
+
+def _lr_factor(step: int, s: TrainSettings) -> float:
+    warm = s.warmup or max(1, s.steps // 20)
+    if step < warm:
+        return (step + 1) / warm
+    t = (step - warm) / max(1, s.steps - warm)
+    return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def _sample(sampler: SliceSampler, seed: int, n: int, prompts: int = 1):
+    """Image ``n`` of a run: the windowed slice (S, S), ``prompts`` masks of structures visible in it (distinct while
+    there are enough), and one generator per mask (window, prompts, clicks); depends only on (seed, n)."""
+    rng = np.random.default_rng([seed, 0x5A4D, n])
+    for attempt in range(64):
+        s = sampler.sample(n + (attempt << 40))
+        visible = s.visible(MIN_PIXELS)
+        if visible:
+            image = augment_window(s.hu, rng)
+            order = list(rng.permutation(len(visible)))
+            chosen = [visible[order[p % len(order)]] for p in range(prompts)]
+            rngs = [np.random.default_rng([seed, 0x5A4D, n, p + 1]) for p in range(prompts)]
+            return image, [s.mask(c) for c in chosen], rngs
+    raise RuntimeError("no slice with a visible structure in 64 draws: are the structure masks empty?")
+
+
+def _mask_losses(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B, M, S, S) logits, (B, 1, S, S) target -> (B, M) BCE + soft Dice."""
+    t = target.expand_as(logits)
+    bce = F.binary_cross_entropy_with_logits(logits, t, reduction="none").mean((2, 3))
+    p = torch.sigmoid(logits)
+    soft_dice = 1 - (2 * (p * t).sum((2, 3)) + 1) / (p.sum((2, 3)) + t.sum((2, 3)) + 1)
+    return bce + soft_dice
+
+
+def _iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B, M, S, S) bool, (B, 1, S, S) bool -> (B, M) IoU (1 when both are empty)."""
+    inter = (pred & target).sum((2, 3)).float()
+    union = (pred | target).sum((2, 3)).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+def train_step(model: Sam, images: np.ndarray, masks: np.ndarray, owners: np.ndarray,
+               rngs: list[np.random.Generator], s: TrainSettings) -> tuple[torch.Tensor, dict]:
+    """One SAM-style interactive step: ``images`` (B, S, S) in [0, 1]; ``masks`` (N, S, S), the objects to segment,
+    mask ``i`` in image ``owners[i]`` (SAM also prompts several objects per image: one encoder pass serves them);
+    one generator per object. Returns the loss (to backpropagate) and statistics."""
+    size = images.shape[-1]
+    device = next(model.parameters()).device
+    target = torch.from_numpy(masks[:, None].astype(np.float32)).to(device)
+    target_bool = target.bool()
+    embeddings = model.image_encoder(medsam_input(torch.from_numpy(images).to(device)))[torch.as_tensor(owners)]
+
+    use_box = np.array([r.random() < s.p_box for r in rngs])
+    groups = [g for g in (np.flatnonzero(use_box), np.flatnonzero(~use_box)) if len(g)]
+    boxes = {i: jittered_box(masks[i], rngs[i]) for i in np.flatnonzero(use_box)}
+    clicks: list[list] = [[] for _ in rngs]
+    for i in np.flatnonzero(~use_box):
+        clicks[i].append((*first_click(masks[i], rngs[i]), 1))
+    previous: dict[int, torch.Tensor] = {}
+
+    total = torch.zeros((), device=device)
+    stats = {"dice": [], "loss": []}
+    for it in range(s.iterations):
+        round_loss, round_dice = torch.zeros((), device=device), np.zeros(len(rngs))
+        for g in groups:
+            box_group = bool(use_box[g[0]])
+            multimask = it == 0 and not box_group
+            low, iou_pred = decode(
+                model, embeddings[g],
+                points=_points([clicks[i] for i in g], device),
+                boxes=_boxes([boxes[i] for i in g], device) if box_group else None,
+                mask_input=torch.cat([previous[i] for i in g]) if it else None,
+                multimask=multimask,
+            )
+            logits = _upsample(low, size)
+            losses = _mask_losses(logits, target[g])
+            with torch.no_grad():
+                actual_iou = _iou(logits > 0, target_bool[g])
+            iou_loss = F.mse_loss(iou_pred, actual_iou, reduction="none").mean(1)
+            round_loss = round_loss + (losses.min(1).values + s.iou_weight * iou_loss).sum()
+            # what a user would see (and what the next round refines): the mask the model rates best
+            chosen = iou_pred.detach().argmax(1)
+            low_chosen = _select(low.detach(), chosen)
+            pred = (_select(logits.detach(), chosen)[:, 0] > 0).cpu().numpy()
+            for k, i in enumerate(g):
+                previous[i] = low_chosen[k:k + 1]
+                round_dice[i] = dice(pred[k], masks[i])
+                if it + 1 < s.iterations:
+                    click = corrective_click(pred[k], masks[i], rngs[i])
+                    if click is None:  # exact already: confirm with a positive click inside (keeps counts equal)
+                        click = (*first_click(masks[i], rngs[i]), 1)
+                    clicks[i].append(click)
+        round_loss = round_loss / len(rngs)
+        total = total + round_loss
+        stats["loss"].append(float(round_loss.detach()))
+        stats["dice"].append(float(round_dice.mean()))
+    return total / s.iterations, stats
+
+
+def _save_atomic(obj, path: Path, saver) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    saver(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, data) -> None:
+    _save_atomic(data, path, lambda d, p: p.write_text(json.dumps(d, indent=1)))
+
+
+def _resolve_config(config) -> MedSAMConfig:
+    if isinstance(config, MedSAMConfig):
+        return config
+    if isinstance(config, dict):
+        return MedSAMConfig.from_dict(config)
+    return MEDSAM_PRESETS[config]
+
+
+def train(out_dir, steps: int, seed: int = 0, batch_size: int = 8, threads: int = 1, resume: bool = True,
+          train_dir=TRAIN_DIR, log_every: int = 10, ckpt_every: int = 100, *, config="standin", cases=None,
+          limit: int | None = None, stop_at: int | None = None, lr: float = 5e-4, iterations: int = 4,
+          p_box: float = 0.5, prompts_per_image: int = 2, axial_share: float = 0.5, device: str = "cpu",
+          verbose: bool = True) -> Sam:
+    """Train the MedSAM-like stand-in; returns the model (weights also saved in ``out_dir``).
+
+    ``out_dir`` gets ``checkpoint.pt`` every ``ckpt_every`` steps (model, optimizer, step, log; resumed from when
+    ``resume``), ``train_log.json``, and at the end ``medsam_standin.safetensors`` + ``medsam_standin.json`` (the
+    Sam state dict and its :class:`MedSAMConfig`). ``cases`` (a list of CTCase) replaces ``train_dir`` (``limit``:
+    first patients only). ``stop_at`` ends this call after that step (checkpointed) without finishing the run, so a
+    run can be done in slices; the schedule always follows ``steps``.
+    """
+    torch.set_num_threads(int(threads))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = _resolve_config(config)
+    if cases is None:
+        cases = load_cases(train_dir, limit=limit)
+    cases = _cached(cases)
+    settings = TrainSettings(steps=int(steps), seed=int(seed), batch_size=int(batch_size), config=cfg.to_dict(),
+                             lr=float(lr), iterations=int(iterations), p_box=float(p_box),
+                             prompts_per_image=int(prompts_per_image), axial_share=float(axial_share),
+                             train_cases=",".join(c.name for c in cases))
+    torch.manual_seed(settings.seed)
+    model = build_medsam(cfg).to(device).train()
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "pos" not in n)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr, betas=(0.9, 0.999))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: _lr_factor(k, settings))
+    log: list[dict] = []
+    start = 0
+    ckpt_path = out / CHECKPOINT_NAME
+    if resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        if ckpt["settings"] != asdict(settings):
+            diff = sorted(k for k, v in asdict(settings).items() if ckpt["settings"].get(k) != v)
+            raise ValueError(f"{ckpt_path} was made with other settings (differing: {', '.join(diff)}): "
+                             "use another output folder, or resume=False to start over")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        start, log = int(ckpt["step"]), json.loads(ckpt["log"])
+        if verbose:
+            print(f"resumed from step {start} ({ckpt_path})", flush=True)
+
+    def checkpoint(step: int) -> None:
+        _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                      "scheduler": scheduler.state_dict(), "step": step, "settings": asdict(settings),
+                      "log": json.dumps(log)}, ckpt_path, torch.save)
+        _write_json(out / LOG_NAME, {"settings": asdict(settings), "log": log})
+
+    sampler = SliceSampler(cases, seed=settings.seed, size=cfg.img_size,
+                           orientations=_orientations(settings.axial_share))
+    end = settings.steps if stop_at is None else min(settings.steps, int(stop_at))
+    window, t0 = {"loss": [], "dice": [], "round_dice": [], "time": 0.0}, time.perf_counter()
+    for step in range(start, end):
+        t = time.perf_counter()
+        items = [_sample(sampler, settings.seed, step * settings.batch_size + i, settings.prompts_per_image)
+                 for i in range(settings.batch_size)]
+        images = np.stack([x[0] for x in items])
+        masks = np.stack([m for x in items for m in x[1]])
+        owners = np.repeat(np.arange(len(items)), settings.prompts_per_image)
+        loss, stats = train_step(model, images, masks, owners, [r for x in items for r in x[2]], settings)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip)
+        optimizer.step()
+        scheduler.step()
+        window["loss"].append(float(loss.detach()))
+        window["round_dice"].append(stats["dice"])
+        window["time"] += time.perf_counter() - t
+        done = step + 1
+        if done % log_every == 0 or done == end:
+            n = len(window["loss"])
+            entry = {"step": done, "loss": float(np.mean(window["loss"])),
+                     "train_dice_per_round": [round(float(v), 4) for v in np.mean(window["round_dice"], 0)],
+                     "lr": optimizer.param_groups[0]["lr"], "sec_per_step": window["time"] / n,
+                     "elapsed_s": round(time.perf_counter() - t0, 1)}
+            log.append(entry)
+            window = {"loss": [], "dice": [], "round_dice": [], "time": 0.0}
+            if verbose:
+                print(f"step {done}/{settings.steps} loss {entry['loss']:.4f} dice/round "
+                      f"{entry['train_dice_per_round']} lr {entry['lr']:.2e} {entry['sec_per_step']:.2f} s/step",
+                      flush=True)
+        if done % ckpt_every == 0 or done == end:
+            checkpoint(done)
+    if end >= settings.steps:
+        save_trained(model, cfg, out, metadata={"steps": str(settings.steps), "seed": str(settings.seed)})
+        _write_json(out / LOG_NAME, {"settings": asdict(settings), "log": log})
+    return model.eval()
+
+
+def save_trained(model: Sam, config: MedSAMConfig, out_dir, metadata: dict | None = None) -> Path:
+    """The Sam state dict as safetensors, and its config as JSON next to it."""
+    out = Path(out_dir)
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    meta = {"config": json.dumps(config.to_dict()), "format": "pt", **(metadata or {})}
+    _save_atomic(state, out / WEIGHTS_NAME, lambda s, p: save_file(s, str(p), metadata=meta))
+    _write_json(out / CONFIG_NAME, config.to_dict())
+    return out / WEIGHTS_NAME
+
+
+def load_trained(out_dir, device: str = "cpu") -> Sam:
+    """The trained stand-in from ``out_dir`` (``medsam_standin.safetensors`` + ``medsam_standin.json``), in eval
+    mode."""
+    out = Path(out_dir)
+    config = MedSAMConfig.from_dict(json.loads((out / CONFIG_NAME).read_text()))
+    model = build_medsam(config)
+    model.load_state_dict(load_file(str(out / WEIGHTS_NAME), device="cpu"), strict=True)
+    return model.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# evaluation
+# ---------------------------------------------------------------------------------------------------------------------
+def _axial_areas(case: CTCase, structure: str) -> np.ndarray:
+    plane = SlicePlane.create(case.geometry, Orientation.AXIAL)
+    stack = plane.stack_view(case.labels) & np.uint16(1 << STRUCTURES.index(structure))
+    return np.count_nonzero(stack, axis=(1, 2))
+
+
+def largest_axial_slice(case: CTCase, structure: str) -> int | None:
+    """Index of the axial slice where the structure's area is largest (first on ties); None if absent."""
+    areas = _axial_areas(case, structure)
+    return int(np.argmax(areas)) if areas.max() > 0 else None
+
+
+def central_axial_slice(case: CTCase, structure: str) -> int | None:
+    """Index of the structure's central axial slice: its centre of mass along the axial axis, rounded (the nearest
+    slice that shows it, should that one not); None if absent."""
+    areas = _axial_areas(case, structure)
+    if areas.max() == 0:
+        return None
+    centre = float((areas * np.arange(len(areas))).sum() / areas.sum())
+    shown = np.flatnonzero(areas)
+    return int(shown[np.argmin(np.abs(shown - centre))])
+
+
+SLICE_CHOICES = {"central": central_axial_slice, "largest": largest_axial_slice}
+
+
+@torch.inference_mode()
+def segment_interactive(model: Sam, images: np.ndarray, masks: np.ndarray, clicks: int = 5,
+                        with_box: bool = True) -> dict:
+    """Deterministic simulated sessions on a batch of slices: Dice after each click (1..``clicks``) and from the
+    tight box. ``images`` (B, S, S) in [0, 1]; ``masks`` (B, S, S) bool."""
+    device = next(model.parameters()).device
+    size = images.shape[-1]
+    x = torch.from_numpy(np.ascontiguousarray(images, np.float32)).to(device)
+    embeddings = model.image_encoder(medsam_input(x))
+    history: list[list] = [[(*first_click(m), 1)] for m in masks]
+    per_click = np.zeros((len(masks), clicks))
+    previous = None
+    for k in range(clicks):
+        low, iou = decode(model, embeddings, points=_points(history, device), mask_input=previous, multimask=k == 0)
+        chosen = iou.argmax(1)
+        previous = _select(low, chosen)
+        pred = (_upsample(previous, size)[:, 0] > 0).cpu().numpy()
+        for i, m in enumerate(masks):
+            per_click[i, k] = dice(pred[i], m)
+            if k + 1 < clicks:
+                click = corrective_click(pred[i], m)
+                # exact already: repeat the last click (a no-op for the user, keeps the batch's counts equal)
+                history[i].append(click if click is not None else history[i][-1])
+    result = {"clicks": per_click}
+    if with_box:
+        low, _ = decode(model, embeddings, boxes=_boxes([tight_box(m) for m in masks], device))
+        pred = (_upsample(low, size)[:, 0] > 0).cpu().numpy()
+        result["box"] = np.array([dice(p, m) for p, m in zip(pred, masks)])
+    return result
+
+
+def evaluate(model: Sam, val_cases: list[CTCase], clicks=(1, 3, 5), window: Window = EVAL_WINDOW,
+             slice_choice: str = "central") -> dict:
+    """Dice per structure from ``clicks`` simulated clicks and from a tight box, averaged over patients, on each
+    structure's central axial slice (``slice_choice="central"``: :func:`central_axial_slice`) or its axial slice of
+    largest area (``"largest"``); ``result["markdown"]`` is the table."""
+    pick_slice = SLICE_CHOICES[slice_choice]
+    model.eval()
+    size = int(model.image_encoder.img_size)
+    n_clicks = max(clicks)
+    rows = []
+    for case in val_cases:
+        names, images, masks, indices = [], [], [], []
+        for structure in STRUCTURES:
+            index = pick_slice(case, structure)
+            if index is None:
+                continue
+            s = cut_slice(case, Orientation.AXIAL, index, size)
+            mask = s.mask(structure)
+            if not mask.any():
+                continue
+            names.append(structure)
+            images.append(window.apply(s.hu).astype(np.float32))
+            masks.append(mask)
+            indices.append(index)
+        if not names:
+            continue
+        out = segment_interactive(model, np.stack(images), np.stack(masks), n_clicks)
+        for i, name in enumerate(names):
+            row = {"case": case.name, "structure": name, "slice": indices[i], "area_px": int(masks[i].sum()),
+                   "box": float(out["box"][i])}
+            row.update({f"clicks_{k}": float(out["clicks"][i, k - 1]) for k in clicks})
+            rows.append(row)
+    keys = [f"clicks_{k}" for k in clicks] + ["box"]
+    per_structure = {}
+    for name in STRUCTURES:
+        sel = [r for r in rows if r["structure"] == name]
+        if sel:
+            per_structure[name] = {"n": len(sel), **{k: float(np.mean([r[k] for r in sel])) for k in keys}}
+    overall = {k: float(np.mean([v[k] for v in per_structure.values()])) for k in keys} if per_structure else {}
+    result = {"slice": {"central": "central axial slice (centre of mass along the axial axis)",
+                        "largest": "axial slice of largest area"}[slice_choice], "window": [window.level, window.width],
+              "clicks": list(clicks), "per_structure": per_structure, "mean_over_structures": overall, "rows": rows}
+    result["markdown"] = dice_table(result)
+    return result
+
+
+def dice_table(result: dict) -> str:
+    clicks = result["clicks"]
+    head = "| Structure | n | " + " | ".join(f"{k} click{'s' if k > 1 else ''}" for k in clicks) + " | box |"
+    lines = [head, "|" + "---|" * (len(clicks) + 3)]
+    keys = [f"clicks_{k}" for k in clicks] + ["box"]
+    for name, v in result["per_structure"].items():
+        lines.append(f"| {name} | {v['n']} | " + " | ".join(f"{v[k]:.3f}" for k in keys) + " |")
+    if result["mean_over_structures"]:
+        m = result["mean_over_structures"]
+        lines.append("| **mean of structures** | | " + " | ".join(f"**{m[k]:.3f}**" for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def plot_log(out_dir) -> Path | None:
+    """``medsam_curves.png``: training loss and training Dice per prompt round; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    out = Path(out_dir)
+    log = json.loads((out / LOG_NAME).read_text())["log"]
+    if not log:
+        return None
+    steps = [e["step"] for e in log]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    axes[0].plot(steps, [e["loss"] for e in log], lw=1)
+    axes[0].set_xlabel("step"), axes[0].set_title("MedSAM-like stand-in: loss (BCE + Dice + IoU MSE)")
+    rounds = np.array([e["train_dice_per_round"] for e in log])
+    for r in range(rounds.shape[1]):
+        label = "first prompt (box or 1 click)" if r == 0 else f"+{r} corrective click{'s' if r > 1 else ''}"
+        axes[1].plot(steps, rounds[:, r], lw=1, label=label)
+    axes[1].set_ylim(0, 1), axes[1].set_xlabel("step"), axes[1].legend(fontsize=8)
+    axes[1].set_title("training Dice per prompt round")
+    fig.tight_layout()
+    path = out / "medsam_curves.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_report(out_dir, results: dict) -> Path:
+    """``report.md`` in the run folder: what was trained and the Dice tables (``results``: slice choice -> result)."""
+    out = Path(out_dir)
+    text = "# MedSAM-like stand-in: Dice from simulated clicks and a box (validation-pats)\n\n"
+    log_path = out / LOG_NAME
+    if log_path.exists():
+        info = json.loads(log_path.read_text())
+        st, log = info["settings"], info["log"]
+        minutes = log[-1]["elapsed_s"] / 60 if log else 0.0
+        text += (f"Trained {st['steps']} steps (seed {st['seed']}) of {st['batch_size']} slices x "
+                 f"{st['prompts_per_image']} structures, {st['iterations']} prompt rounds each, "
+                 f"AdamW lr {st['lr']:g} (warmup + cosine); {len(st['train_cases'].split(','))} training patients; "
+                 f"{minutes:.1f} min wall time in its last training session.\n\n")
+    text += ("Clicks are simulated deterministically: the first at the point of the structure farthest from its "
+             "boundary, each next one at the centre of the largest error region (positive in a miss, negative in a "
+             "leak), with the previous mask fed back; the box is the structure's tight bounding box. Soft-tissue "
+             "window W350/L60, 128 px slices (OpenKBP's grid, 3.9 mm pixels).\n")
+    for result in results.values():
+        text += f"\n## On each structure's {result['slice']}\n\n{result['markdown']}\n"
+        ptv = result["per_structure"].get("PTV70")
+        if ptv and "clicks_3" in ptv:
+            verdict = "meets" if ptv["clicks_3"] >= 0.80 else "misses"
+            text += f"\nPTV70 from 3 clicks: {ptv['clicks_3']:.3f} ({verdict} the 0.80 target).\n"
+    path = out / "report.md"
+    path.write_text(text)
+    return path
+
+
+def run_evaluation(out_dir, val_dir=VAL_DIR, limit: int | None = None, threads: int = 1,
+                   choices=("central", "largest")) -> dict:
+    """Evaluate the trained model of ``out_dir``; writes eval.json/.md (central slice), eval_largest.json/.md,
+    report.md and the curves."""
+    torch.set_num_threads(int(threads))
+    out = Path(out_dir)
+    model, cases = load_trained(out), load_cases(val_dir, limit=limit)
+    results = {}
+    for choice in choices:
+        t0 = time.perf_counter()
+        result = evaluate(model, cases, slice_choice=choice)
+        result["eval_seconds"] = round(time.perf_counter() - t0, 1)
+        name = "eval" if choice == "central" else f"eval_{choice}"
+        _write_json(out / f"{name}.json", result)
+        (out / f"{name}.md").write_text(f"Dice on each structure's {result['slice']}\n\n{result['markdown']}\n")
+        results[choice] = result
+    write_report(out, results)
+    if (out / LOG_NAME).exists():
+        plot_log(out)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m training.standins.medsam", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train (resumes from OUT/checkpoint.pt), then evaluate on validation-pats")
+    t.add_argument("--out", required=True)
+    t.add_argument("--steps", type=int, required=True)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--batch-size", type=int, default=8, help="slices per step")
+    t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--lr", type=float, default=5e-4)
+    t.add_argument("--iterations", type=int, default=4, help="prompt rounds per object (1 + corrective clicks)")
+    t.add_argument("--prompts-per-image", type=int, default=2)
+    t.add_argument("--axial-share", type=float, default=0.5)
+    t.add_argument("--p-box", type=float, default=0.5)
+    t.add_argument("--config", default="standin", choices=sorted(MEDSAM_PRESETS))
+    t.add_argument("--train-dir", default=str(TRAIN_DIR))
+    t.add_argument("--limit", type=int, default=None, help="first N training patients only")
+    t.add_argument("--log-every", type=int, default=20)
+    t.add_argument("--ckpt-every", type=int, default=50)
+    t.add_argument("--stop-at", type=int, default=None, help="stop after this step (checkpointed; run again to go on)")
+    t.add_argument("--no-resume", action="store_true")
+    t.add_argument("--no-eval", action="store_true")
+    t.add_argument("--val-dir", default=str(VAL_DIR))
+    e = sub.add_parser("evaluate", aliases=["eval"], help="Dice from 1/3/5 clicks and a box on validation-pats")
+    e.add_argument("--out", required=True)
+    e.add_argument("--val-dir", default=str(VAL_DIR))
+    e.add_argument("--limit", type=int, default=None, help="first N validation patients only")
+    e.add_argument("--threads", type=int, default=1)
+    e.add_argument("--slice", default="both", choices=["both", *sorted(SLICE_CHOICES)],
+                   help="which axial slice per structure (default: both tables)")
+    a = p.parse_args(argv)
+    if a.command == "train":
+        train(a.out, a.steps, seed=a.seed, batch_size=a.batch_size, threads=a.threads, resume=not a.no_resume,
+              train_dir=a.train_dir, log_every=a.log_every, ckpt_every=a.ckpt_every, config=a.config, limit=a.limit,
+              stop_at=a.stop_at, lr=a.lr, iterations=a.iterations, prompts_per_image=a.prompts_per_image,
+              axial_share=a.axial_share, p_box=a.p_box)
+        plot_log(a.out)
+        if a.no_eval or (a.stop_at is not None and a.stop_at < a.steps):
+            return
+        run_evaluation(a.out, a.val_dir, threads=a.threads)
+    else:
+        choices = ("central", "largest") if a.slice == "both" else (a.slice,)
+        run_evaluation(a.out, a.val_dir, a.limit, a.threads, choices)
+    print((Path(a.out) / "report.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
