@@ -48,10 +48,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from segment_anything.modeling import Sam
 
-from PRISMRTLib.imaging import Geometry, Orientation, SlicePlane, read_image
+from PRISMRTLib.imaging import Orientation, SlicePlane
 from PRISMRTLib.imaging.intensity import Window
 from PRISMRTLib.models.medsam import MEDSAM_PRESETS, MedSAMConfig, build_medsam, medsam_input
-from training.data import STRUCTURES, CTCase, SliceSampler, augment_window, cut_slice
+from training.data import STRUCTURES, CTCase, SliceSampler, augment_window, cut_slice, load_cases
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED_DATA = Path(os.environ.get("PRISMRT_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -201,41 +201,6 @@ def count_parameters(model: torch.nn.Module) -> int:
 # ---------------------------------------------------------------------------------------------------------------------
 # training
 # ---------------------------------------------------------------------------------------------------------------------
-class _Case(CTCase):
-    """A case whose structure bit field is computed once (CTCase.present scans the volume on every call)."""
-
-    @functools.cached_property
-    def present(self) -> int:  # type: ignore[override]
-        return CTCase.present.fget(self)
-
-
-def _cached(cases: list[CTCase]) -> list[CTCase]:
-    return [c if isinstance(c, _Case) else _Case(c.name, c.hu, c.labels, c.geometry) for c in cases]
-
-
-def load_case(folder) -> _Case:
-    """As :func:`training.data.load_case`, but keeping each SimpleITK image alive while numpy reads its pixels
-    (``training.data.load_case`` compares a ``GetArrayViewFromImage`` view of a temporary image, which is freed
-    first: a few label voxels per case come from freed memory, and now and then the process crashes)."""
-    folder = Path(folder)
-    ct = read_image(folder / "ct.nii.gz")
-    hu = sitk.GetArrayFromImage(ct).astype(np.int16)
-    labels = np.zeros(hu.shape, np.uint16)
-    for s, name in enumerate(STRUCTURES):
-        path = folder / f"{name}.nii.gz"
-        if path.exists():
-            labels |= (sitk.GetArrayFromImage(read_image(path)) > 0).astype(np.uint16) << s
-    return _Case(folder.name, hu, labels, Geometry.from_image(ct))
-
-
-def load_cases(split_dir, limit: int | None = None) -> list[_Case]:
-    """All patients of a split (``pt_*`` folders) in a stable order, as :func:`training.data.load_cases`."""
-    folders = sorted(Path(split_dir).glob("pt_*"), key=lambda p: int(p.name.split("_")[1]))
-    if not folders:
-        raise FileNotFoundError(f"no pt_* patient folders in {split_dir}")
-    return [load_case(f) for f in folders[:limit]]
-
-
 @dataclass
 class TrainSettings:
     """Everything that fixes a run's result besides the data (a resumed run must match its checkpoint)."""
@@ -399,7 +364,6 @@ def train(out_dir, steps: int, seed: int = 0, batch_size: int = 8, threads: int 
     cfg = _resolve_config(config)
     if cases is None:
         cases = load_cases(train_dir, limit=limit)
-    cases = _cached(cases)
     settings = TrainSettings(steps=int(steps), seed=int(seed), batch_size=int(batch_size), config=cfg.to_dict(),
                              lr=float(lr), iterations=int(iterations), p_box=float(p_box),
                              prompts_per_image=int(prompts_per_image), axial_share=float(axial_share),
