@@ -53,7 +53,7 @@ BIOMEDCLIP_PRESETS = {
     # stand-in teacher trained contrastively on OpenKBP CT slices and generated captions (training/standins)
     "standin": BiomedCLIPConfig(
         embed_dim=128, image_size=128, vision_overrides={"embed_dim": 128, "depth": 4, "num_heads": 4},
-        text_bert=dict(PUBMEDBERT_BASE, vocab_size=520, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+        text_bert=dict(PUBMEDBERT_BASE, vocab_size=284, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
                        intermediate_size=256, max_position_embeddings=64),
         context_length=64,
     ),

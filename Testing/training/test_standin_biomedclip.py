@@ -63,7 +63,7 @@ def many_captions(truth, n=300, seed=0):
     return C.captions(truth, rng, n)
 
 
-# ---- captions ---------------------------------------------------------------------------------------------------------
+# ---- captions --------------------------------------------------------------------------------------------------------
 def test_axial_slice_sides_follow_radiological_convention_and_mirroring(case):
     info = C.case_info(case)
     plain = cut_slice(case, "axial", 8, size=64)
@@ -136,7 +136,7 @@ def test_target_absent_only_where_no_target_pixel(case):
     assert not any(f == ("no", "Mandible") for f in above.facts | inside.facts)
 
 
-# ---- vocabulary and text tower -----------------------------------------------------------------------------------------
+# ---- vocabulary and text tower ---------------------------------------------------------------------------------------
 def test_vocab_covers_every_caption_and_prompt_word(tokenizer):
     unk = tokenizer.tokenizer.unk_token_id
     texts = C.caption_corpus(3000, seed=7) + C.all_prompts()
@@ -188,7 +188,7 @@ def test_multi_positive_loss():
     torch.testing.assert_close(a, b)
 
 
-# ---- training ------------------------------------------------------------------------------------------------------------
+# ---- training --------------------------------------------------------------------------------------------------------
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     cases = [synthetic_case("pt_1"), synthetic_case("pt_2", target_left=False)]
     kw = dict(seed=3, batch_size=6, cases=cases, config="tiny", warmup=2, checkpoint_every=1, log_every=1,
@@ -222,3 +222,22 @@ def test_evaluate_reports_every_question_type(case, tokenizer):
     for r in q.values():
         assert r["n"] == 0 or 0 <= r["accuracy"] <= 1
     assert result["table"].startswith("| question |")
+
+
+def test_recenter_folds_the_pooled_feature_means_into_the_layernorm_biases(case, tokenizer):
+    torch.manual_seed(0)
+    model = build_biomedclip(C.standin_config("tiny"))
+    info = {case.name: C.case_info(case)}
+    settings = C.TrainSettings(steps=1, batch_size=8, augment=0.0)
+    sampler = C.SliceSampler([case], seed=0, size=model.config.image_size)
+    images, ids, _, _ = C.make_batch(sampler, info, tokenizer, 0, settings)
+    with torch.no_grad():
+        before = C.pooled_features(model, images, ids)
+        cosine_before = (lambda e: (e @ e.t()).mean())(model.encode_image(images, normalize=True))
+        C.recenter(model, sampler, info, tokenizer, settings, batches=1)
+        after = C.pooled_features(model, images, ids)
+        cosine_after = (lambda e: (e @ e.t()).mean())(model.encode_image(images, normalize=True))
+    for b, a in zip(before, after):
+        torch.testing.assert_close(a, b - b.mean(0), atol=1e-4, rtol=1e-4)  # shifted by the mean, nothing else
+        assert a.mean(0).abs().max() < 1e-4
+    assert cosine_before > 0.95 and cosine_after < 0.5  # the collapse the centring removes
