@@ -22,6 +22,12 @@ demo: $(STAMP)
 	    --overlay $(SAMPLE)/PTV70.nii.gz --overlay $(SAMPLE)/LeftParotid.nii.gz \
 	    --overlay $(SAMPLE)/RightParotid.nii.gz --overlay $(SAMPLE)/SpinalCord.nii.gz \
 	    --out $(OUT) --overwrite
+	# one click inside the target (PTV70's most interior point), propagated into 3D with the shipped stand-in teachers
+	$(BIN)/prismrt segment $(SAMPLE)/ct.nii.gz --point 246.1,222.6,-160.0 --propagate --backend teachers \
+	    --out $(OUT)/ptv70_one_click.nii.gz --overwrite
+	$(BIN)/prismrt overview $(SAMPLE)/ct.nii.gz --window head-and-neck --point 246.1,222.6,-160.0 \
+	    --overlay $(SAMPLE)/PTV70.nii.gz --overlay $(OUT)/ptv70_one_click.nii.gz \
+	    --out $(OUT)/segmentation --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -37,8 +37,8 @@ class SliceFeatures:
 
     TENSORS = ("sam_embedding", "dino_cls", "dino_patches", "clip_cls", "clip_patches", "clip_embedding")
 
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {name: tuple(getattr(self, name).shape) for name in self.TENSORS}
+    def shapes(self) -> dict[str, tuple[int, ...] | None]:
+        return {name: None if getattr(self, name) is None else tuple(getattr(self, name).shape) for name in self.TENSORS}
 
     def __len__(self) -> int:
         return self.sam_embedding.shape[0]
@@ -46,14 +46,16 @@ class SliceFeatures:
     def select(self, index) -> "SliceFeatures":
         """A sub-batch (``index`` an int or slice), keeping the batch dimension."""
         index = slice(index, index + 1) if isinstance(index, int) else index
-        return SliceFeatures(**{n: getattr(self, n)[index] for n in self.TENSORS}, letterbox=self.letterbox)
+        return SliceFeatures(**{n: None if getattr(self, n) is None else getattr(self, n)[index] for n in self.TENSORS},
+                             letterbox=self.letterbox)
 
     @staticmethod
     def concat(parts: "list[SliceFeatures]") -> "SliceFeatures":
-        return SliceFeatures(
-            **{n: torch.cat([getattr(p, n) for p in parts]) for n in SliceFeatures.TENSORS},
-            letterbox=parts[0].letterbox,
-        )
+        def cat(name):
+            tensors = [getattr(p, name) for p in parts]
+            return None if tensors[0] is None else torch.cat(tensors)
+
+        return SliceFeatures(**{n: cat(n) for n in SliceFeatures.TENSORS}, letterbox=parts[0].letterbox)
 
 
 def _prepare(slices, pixel_spacing) -> tuple[np.ndarray, tuple[float, float]]:
@@ -127,21 +129,25 @@ class FeatureBackend:
     def reference_letterbox(self, slice_shape, pixel_spacing) -> Letterbox:
         return Letterbox.fit(slice_shape, pixel_spacing, self.medsam_config.img_size)
 
-    def encode(self, slices, pixel_spacing=(1.0, 1.0)) -> SliceFeatures:
-        """Features of a batch of slices (B, H, W) in [0, 1] sharing one pixel spacing (row, col) in mm."""
+    def encode(self, slices, pixel_spacing=(1.0, 1.0), *, sam_only: bool = False) -> SliceFeatures:
+        """Features of a batch of slices (B, H, W) in [0, 1] sharing one pixel spacing (row, col) in mm.
+
+        ``sam_only``: only MedSAM's embedding is needed (delineation); the teachers backend then skips DINOv3 and
+        BiomedCLIP and leaves their fields ``None`` (the student computes everything in its one pass anyway).
+        """
         slices, spacing = _prepare(slices, pixel_spacing)
         box = self.reference_letterbox(slices.shape[1:], spacing)
         parts = []
         for start in range(0, len(slices), self.batch_size):
             chunk = slices[start:start + self.batch_size]
-            parts.append(self._with_fallback(self._encode_chunk, chunk, box))
+            parts.append(self._with_fallback(self._encode_chunk, chunk, box, sam_only))
         return SliceFeatures.concat(parts)
 
-    def _encode_chunk(self, slices: np.ndarray, box: Letterbox) -> SliceFeatures:
+    def _encode_chunk(self, slices: np.ndarray, box: Letterbox, sam_only: bool) -> SliceFeatures:
         raise NotImplementedError
 
     def _finish(self, box: Letterbox, **tensors) -> SliceFeatures:
-        return SliceFeatures(**{k: v.float() for k, v in tensors.items()}, letterbox=box)
+        return SliceFeatures(**{k: None if v is None else v.float() for k, v in tensors.items()}, letterbox=box)
 
     # ---- heads ---------------------------------------------------------------------------------------------------
     @property
@@ -187,7 +193,7 @@ class StudentBackend(FeatureBackend):
         super().__init__(bundle, device, half, batch_size)
 
     @torch.inference_mode()
-    def _encode_chunk(self, slices, box):
+    def _encode_chunk(self, slices, box, sam_only=False):
         student = self.bundle.modules["student"]
         x = _letterboxed(slices, box.at_size(self.input_size)).to(self.device)
         with self._autocast():
@@ -216,12 +222,15 @@ class TeacherBackend(FeatureBackend):
         super().__init__(bundle, device, half, batch_size)
 
     @torch.inference_mode()
-    def _encode_chunk(self, slices, box):
+    def _encode_chunk(self, slices, box, sam_only=False):
         m = self.bundle.modules
         dino_size = m["dinov3"].patch_embed.img_size[0]
         clip_size = self.bundle.clip_config.image_size
         with self._autocast():
             sam = m["medsam"].image_encoder(medsam_input(_letterboxed(slices, box).to(self.device)))
+            if sam_only:
+                return self._finish(box, sam_embedding=sam, dino_cls=None, dino_patches=None, clip_cls=None,
+                                    clip_patches=None, clip_embedding=None)
             dino_cls, dino_patches = dinov3_features(
                 m["dinov3"], dinov3_input(_letterboxed(slices, box.at_size(dino_size)).to(self.device))
             )

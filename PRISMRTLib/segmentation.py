@@ -110,7 +110,7 @@ class SegmentationSession:
                 self._cache.move_to_end(index)
                 return self._cache[index]
         slice01 = self.window.apply(self.plane.extract(self._hu, index))
-        features = self.backend.encode(slice01, self.plane.pixel_spacing)
+        features = self.backend.encode(slice01, self.plane.pixel_spacing, sam_only=True)
         with self._lock:
             self._cache[index] = features
             while len(self._cache) > self._cache_size:

@@ -116,11 +116,11 @@ def test_gpu_out_of_memory_falls_back_to_cpu(bundles, ct_slices, monkeypatch, ca
     calls = {"n": 0}
     original = StudentBackend._encode_chunk
 
-    def flaky(self, chunk, box):
+    def flaky(self, chunk, box, sam_only):
         calls["n"] += 1
         if calls["n"] == 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-        return original(self, chunk, box)
+        return original(self, chunk, box, sam_only)
 
     monkeypatch.setattr(StudentBackend, "_encode_chunk", flaky)
     features = backend.encode(slices, spacing)
@@ -198,3 +198,13 @@ def test_half_precision_storage_loads_into_float32(tmp_path, vocab):
     ref = dict(modules["dinov3"].named_parameters())["patch_embed.proj.weight"]
     assert p.dtype == torch.float32
     torch.testing.assert_close(p, ref.half().float())
+
+
+def test_sam_only_features_for_delineation(bundles, ct_slices):
+    root, _ = bundles
+    slices, spacing = ct_slices
+    backend = TeacherBackend(load_bundle(root / "teachers"))
+    full, sam = backend.encode(slices, spacing), backend.encode(slices, spacing, sam_only=True)
+    torch.testing.assert_close(sam.sam_embedding, full.sam_embedding)
+    assert sam.dino_patches is None and sam.clip_embedding is None
+    assert sam.shapes()["dino_cls"] is None and len(sam.select(1)) == 1

@@ -60,7 +60,7 @@ class OracleBackend(FeatureBackend):
     prompt_encoder = _OraclePrompts()
     mask_decoder = _OracleDecoder()
 
-    def encode(self, slices, pixel_spacing=(1.0, 1.0)):
+    def encode(self, slices, pixel_spacing=(1.0, 1.0), sam_only=False):
         self.calls += 1
         slices = np.asarray(slices, np.float32)
         slices = slices[None] if slices.ndim == 2 else slices

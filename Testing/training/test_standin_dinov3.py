@@ -3,6 +3,7 @@ encoding, bit-for-bit resume and the exported weights loading strictly into buil
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -163,15 +164,19 @@ def test_masked_encode_is_forward_features_without_mask(tiny_model):
     assert not torch.allclose(masked[0], patches[0]) and torch.allclose(masked[1], patches[1])
 
 
-def test_views_correspond_at_known_points():
+@pytest.mark.parametrize("crop", [64, None])
+def test_views_correspond_at_known_points(crop):
     """Each patch centre of one view, mapped through the returned grid, shows the same anatomy in the other view."""
-    cfg = sd.SSLConfig(window_strength=0.0, rotate_deg=20, jitter_deg=10, jitter_shift=0.1, jitter_scale=0.1)
+    cfg = sd.SSLConfig(window_strength=0.0, rotate_deg=20, jitter_deg=10, jitter_shift=0.1, jitter_scale=0.1,
+                       crop=crop)
     yy, xx = np.mgrid[0:128, 0:128]
     hu = -1024 + 1500 * np.exp(-((xx - 50) ** 2 / 800 + (yy - 70) ** 2 / 300)) + 3 * xx + 2 * yy
-    centres = torch.from_numpy(sd.patch_centres(16).astype(np.float32))[None]
+    size = crop or 128
+    centres = torch.from_numpy(sd.patch_centres(size // 4).astype(np.float32))[None]
     for seed in range(3):
-        images, body, grids, valid = sd.make_views(hu.astype(np.float32), np.random.default_rng(seed), cfg, 8)
-        assert images.shape == (2, 128, 128) and body.shape == valid.shape == (2, 16, 16) and valid.any()
+        images, body, grids, valid, windows = sd.make_views(hu.astype(np.float32), np.random.default_rng(seed), cfg, 4)
+        assert images.shape == (2, size, size) and body.shape == valid.shape == (2, size // 4, size // 4)
+        assert valid.any() and windows.shape == (2, 2) and (windows >= 0).all() and (windows <= (128 - size) // 4).all()
         for u in range(2):
             here = torch.nn.functional.grid_sample(torch.from_numpy(images[u])[None, None], centres,
                                                    align_corners=False)[0, 0]
@@ -179,6 +184,20 @@ def test_views_correspond_at_known_points():
                                                     torch.from_numpy(grids[u])[None], align_corners=False)[0, 0]
             v = torch.from_numpy(valid[u])
             assert (here - there)[v].abs().mean() < 0.01 < here[v].std()  # vs contrast across the view
+
+
+def test_crops_get_the_rope_rows_of_their_place_in_the_frame():
+    torch.manual_seed(0)
+    model = build_dinov3(DINOV3_PRESETS["standin"])
+    full = model.rope.get_embed(shape=(32, 32)).reshape(32, 32, -1)
+    rope = sd.window_rope(model, torch.tensor([[4, 8], [0, 16]]), (16, 16), (32, 32))
+    assert rope.shape == (2, 1, 256, full.shape[-1])
+    assert torch.equal(rope[0, 0].reshape(16, 16, -1), full[4:20, 8:24])
+    assert torch.equal(rope[1, 0].reshape(16, 16, -1), full[0:16, 16:32])
+    # a "crop" that is the whole frame is the ordinary forward
+    x = dinov3_input(torch.rand(2, 128, 128))
+    whole = sd.encode(model, x, windows=torch.zeros(2, 2, dtype=torch.long), frame=(32, 32))[1]
+    torch.testing.assert_close(whole, sd.encode(model, x)[1])
 
 
 def test_sinkhorn_balances_prototypes():
@@ -222,7 +241,7 @@ def test_export_round_trip_loads_strictly_into_build_dinov3(tmp_path):
     model = build_dinov3(config)
     n_params = sum(p.numel() for p in model.parameters())
     assert 0.5e6 < n_params < 1.5e6  # the shipped bundle stays a few MB
-    assert model.patch_embed.img_size[0] // model.patch_embed.patch_size[0] == 16  # 16 x 16 dense grid at 128 px
+    assert model.patch_embed.img_size[0] // model.patch_embed.patch_size[0] == 32  # 32 x 32 dense grid at 128 px
     sd.export(model, tmp_path, config, {"steps_done": 0})
     loaded = sd.load_trained(tmp_path)
     strict = build_dinov3(DINOV3_PRESETS["standin"])
@@ -233,3 +252,16 @@ def test_export_round_trip_loads_strictly_into_build_dinov3(tmp_path):
             torch.testing.assert_close(dinov3_features(m, x)[1], dinov3_features(model, x)[1])
     meta = json.loads((tmp_path / sd.CONFIG_FILE).read_text())
     assert meta["config"] == config.to_dict() and "not for clinical use" in meta["note"]
+
+
+def test_dino_objective_runs_and_exports(tmp_path):
+    """The prototype (DINO + iBOT) objective trains too; its heads stay out of the exported timm state dict."""
+    cfg = dataclasses.replace(SMALL_SSL, objective="dino")
+    path = sd.train(tmp_path, 2, batch_size=2, cases=[synthetic_case("pt_1", seed=1)], model_config=TINY, ssl=cfg,
+                    verbose=False)
+    log = json.loads((tmp_path / sd.LOG_FILE).read_text())["log"]
+    assert len(log) == 2 and all(np.isfinite(e["loss"]) for e in log)
+    assert log[0]["cls"] > 0 and log[0]["patch_visible"] > 0
+    weights = _weights(path)
+    assert not any("head" in k and "blocks" not in k for k in weights) and "mask_token" not in weights
+    build_dinov3(TINY).load_state_dict(weights, strict=True)

@@ -1,0 +1,58 @@
+"""The stand-in teachers shipped in the package do real work on a real validation CT (OpenKBP pt_226)."""
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from PRISMRTLib.features import open_backend
+from PRISMRTLib.imaging import Geometry, SlicePlane, get_window
+from PRISMRTLib.metrics import dice
+from PRISMRTLib.segmentation import SegmentationSession, interior_point
+from prismrt_testing import SAMPLE_DIR
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return open_backend("teachers", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def ct():
+    return sitk.ReadImage(str(SAMPLE_DIR / "ct.nii.gz"))
+
+
+def _mask(name):
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(SAMPLE_DIR / f"{name}.nii.gz"))) > 0
+
+
+def test_teachers_backend_defaults_to_the_shipped_standins(backend):
+    assert backend.bundle.name == "teachers-standin-openkbp" and backend.bundle.kind == "teachers"
+
+
+@pytest.mark.parametrize("structure", ["LeftParotid", "RightParotid", "PTV70"])
+def test_a_click_inside_a_structure_gives_a_mask_overlapping_it(backend, ct, structure):
+    truth = _mask(structure)
+    session = SegmentationSession(backend, ct, "axial")
+    stack = session.plane.stack_view(truth)
+    index = int(np.argmax(stack.sum(axis=(1, 2))))
+    r, c = interior_point(stack[index])
+    result = session.add_point(session.plane.slice_coords_to_point([index, r, c]))
+    assert dice(result.mask, stack[index]) > 0.4
+    if structure.endswith("Parotid"):  # a lateral structure: the mask is on its side, not mirrored
+        mirrored = stack[index][:, ::-1]
+        assert dice(result.mask, stack[index]) > dice(result.mask, mirrored) + 0.2
+
+
+def test_the_true_structure_caption_outscores_a_wrong_one(backend, ct):
+    plane = SlicePlane.create(Geometry.from_image(ct), "axial")
+    stack = plane.stack_view(_mask("LeftParotid"))
+    index = int(np.argmax(stack.sum(axis=(1, 2))))
+    slice01 = get_window("soft-tissue").apply(plane.extract(sitk.GetArrayViewFromImage(ct), index))
+    image = torch.nn.functional.normalize(backend.encode(slice01, plane.pixel_spacing).clip_embedding, dim=-1)
+    texts = ["a CT slice showing the parotid gland", "a CT slice showing the larynx",
+             "an axial CT slice", "a sagittal CT slice"]
+    text = torch.nn.functional.normalize(backend.encode_text(texts), dim=-1)
+    scores = (image @ text.T)[0]
+    assert scores[0] > scores[1]
+    assert scores[2] > scores[3]

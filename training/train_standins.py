@@ -1,0 +1,161 @@
+"""Train the three stand-in teachers on OpenKBP head-and-neck CT, evaluate them, and ship them as one bundle.
+
+    .venv/bin/python -m training.train_standins [--out training/runs/standins] [--seed 0] [--threads 1]
+        [--medsam-steps N] [--biomedclip-steps N] [--dinov3-steps N] [--limit N] [--sequential]
+        [--export] [--skip-training]
+
+1. Trains MedSAM-like, BiomedCLIP-like and DINOv3-like models (``training/standins/*.py``), each in its own process
+   (in parallel by default: each uses ``--threads`` CPU threads), seeded and resumable: run the same command again
+   after an interruption and each continues from its last checkpoint.
+2. Evaluates each on ``validation-pats`` (their reports: ``report.md`` in each run folder) and copies the tables and
+   training curves into ``training/standins/REPORT.md`` and ``docs/images/``.
+3. With ``--export``: writes the ``teachers`` bundle ``teachers-standin-openkbp`` (float16 safetensors, a few MB) into
+   ``PRISMRTLib/weights/shipped/`` and its entry (sizes, SHA-256) into ``PRISMRTLib/weights/manifest.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+BUNDLE_NAME, BUNDLE_VERSION = "teachers-standin-openkbp", "1"
+SHIPPED = REPO / "PRISMRTLib" / "weights" / "shipped"
+MANIFEST = REPO / "PRISMRTLib" / "weights" / "manifest.json"
+MIRROR = "https://raw.githubusercontent.com/prism-rt/PRISMRT/main/PRISMRTLib/weights/shipped"
+# default steps: about an hour in total on this project's 2-core CPU machines with the three running side by side
+DEFAULT_STEPS = {"medsam": 480, "biomedclip": 1400, "dinov3": 500}
+TEACHERS = ("medsam", "biomedclip", "dinov3")
+
+
+def _train_command(name: str, out: Path, steps: int, seed: int, threads: int, limit: int | None) -> list[str]:
+    cmd = [PY, "-m", f"training.standins.{name}", "train", "--out", str(out), "--steps", str(steps),
+           "--seed", str(seed), "--threads", str(threads)]
+    if limit and name in ("medsam", "biomedclip"):
+        cmd += ["--limit", str(limit)]
+    if name == "dinov3":
+        cmd += ["--eval"]
+    return cmd
+
+
+def train_all(out: Path, steps: dict, seed: int, threads: int, limit: int | None, sequential: bool) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    running, seconds = {}, {}
+    for name in TEACHERS:
+        cmd = _train_command(name, out / name, steps[name], seed, threads, limit)
+        log = open(out / f"{name}.log", "a")
+        print(f"[standins] {' '.join(cmd[1:])}  (log: {out / (name + '.log')})", flush=True)
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        running[name] = (proc, start, log)
+        if sequential:
+            _wait(name, running, seconds)
+    for name in list(running):
+        _wait(name, running, seconds)
+    return seconds
+
+
+def _wait(name: str, running: dict, seconds: dict) -> None:
+    proc, start, log = running.pop(name)
+    code = proc.wait()
+    log.close()
+    seconds[name] = time.perf_counter() - start
+    if code != 0:
+        raise SystemExit(f"[standins] {name} training failed (exit {code}); see its log")
+    print(f"[standins] {name} done in {seconds[name] / 60:.1f} min", flush=True)
+
+
+def evaluate_all(out: Path, threads: int) -> None:
+    for name in ("medsam", "biomedclip"):  # dinov3 evaluates at the end of its training run (--eval)
+        cmd = [PY, "-m", f"training.standins.{name}", "eval", "--out", str(out / name), "--threads", str(threads)]
+        print(f"[standins] {' '.join(cmd[1:])}", flush=True)
+        subprocess.run(cmd, cwd=REPO, check=True)
+
+
+def collect_report(out: Path, seconds: dict) -> Path:
+    """training/standins/REPORT.md from the run reports; curves copied to docs/images/."""
+    images = REPO / "docs" / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    parts = ["# Stand-in teachers: validation report", "",
+             "Trained on the 170 OpenKBP `train-pats`, evaluated on the 33 `validation-pats` "
+             "(`.venv/bin/python -m training.train_standins --export`). Not for clinical use.", ""]
+    for name in TEACHERS:
+        run = out / name
+        report = run / "report.md"
+        parts += [f"## {name}", ""]
+        if name in seconds:
+            parts += [f"Training wall time: {seconds[name] / 60:.1f} min.", ""]
+        parts += [report.read_text().strip() if report.exists() else "(no report)", ""]
+        for png in sorted(run.glob("*.png")):
+            target = images / f"standin_{name}_{png.name}"
+            shutil.copyfile(png, target)
+            parts += [f"![{name} {png.stem}](../../docs/images/{target.name})", ""]
+    path = REPO / "training" / "standins" / "REPORT.md"
+    path.write_text("\n".join(parts) + "\n")
+    return path
+
+
+def export_bundle(out: Path) -> Path:
+    """The teachers bundle of the three trained stand-ins, shipped in the package and listed in the manifest."""
+    import torch
+
+    from PRISMRTLib.models import preset_configs, save_bundle
+    from PRISMRTLib.weights import model_entry_for_folder
+    from training.standins import biomedclip, dinov3, medsam
+
+    configs = preset_configs("standin", None)
+    modules = {
+        "medsam": medsam.load_trained(out / "medsam"),
+        "dinov3": dinov3.load_trained(out / "dinov3"),
+        "biomedclip": biomedclip.load_trained(out / "biomedclip"),
+    }
+    folder = SHIPPED / BUNDLE_NAME / BUNDLE_VERSION
+    meta = {
+        "description": "stand-in teachers (MedSAM-, DINOv3- and BiomedCLIP-like, small) trained on 170 OpenKBP "
+                       "head-and-neck CTs; not for clinical use",
+        "training_runs": {name: str((out / name).relative_to(REPO)) if (out / name).is_relative_to(REPO)
+                          else str(out / name) for name in TEACHERS},
+    }
+    save_bundle(folder, "teachers", configs, modules, biomedclip.VOCAB_PATH, name=BUNDLE_NAME, version=BUNDLE_VERSION,
+                meta=meta, overwrite=True, float_dtype=torch.float16)
+    entry = model_entry_for_folder(
+        folder, name=BUNDLE_NAME, version=BUNDLE_VERSION, base_urls=[MIRROR],
+        licence="stand-in weights: MIT (trained on OpenKBP data, CC BY 3.0/4.0 via TCIA)",
+        description=meta["description"], homepage="https://github.com/prism-rt/PRISMRT",
+    )
+    manifest = json.loads(MANIFEST.read_text())
+    manifest["models"] = [m for m in manifest.get("models", []) if m["name"] != BUNDLE_NAME] + [entry]
+    MANIFEST.write_text(json.dumps(manifest, indent=2) + "\n")
+    return folder
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=REPO / "training" / "runs" / "standins")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads per training process")
+    parser.add_argument("--limit", type=int, help="use only the first N training patients (quick runs)")
+    parser.add_argument("--sequential", action="store_true", help="train one after the other")
+    parser.add_argument("--skip-training", action="store_true", help="only evaluate, report and export")
+    parser.add_argument("--export", action="store_true", help="write the shipped bundle and manifest entry")
+    for name in TEACHERS:
+        parser.add_argument(f"--{name}-steps", type=int, default=DEFAULT_STEPS[name])
+    args = parser.parse_args(argv)
+    steps = {name: getattr(args, f"{name}_steps") for name in TEACHERS}
+    seconds = {} if args.skip_training else train_all(args.out, steps, args.seed, args.threads, args.limit,
+                                                       args.sequential)
+    evaluate_all(args.out, args.threads)
+    print(f"[standins] report: {collect_report(args.out, seconds)}")
+    if args.export:
+        print(f"[standins] bundle: {export_bundle(args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
