@@ -85,7 +85,10 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--clicks", type=int, default=20)
     parser.add_argument("--slices", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     image = sitk.ReadImage(str(SAMPLE / "ct.nii.gz"))
     ptv = sitk.GetArrayFromImage(sitk.ReadImage(str(SAMPLE / "PTV70.nii.gz"))) > 0
     with tempfile.TemporaryDirectory() as tmp:
