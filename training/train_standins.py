@@ -29,8 +29,8 @@ BUNDLE_NAME, BUNDLE_VERSION = "teachers-standin-openkbp", "1"
 SHIPPED = REPO / "PRISMRTLib" / "weights" / "shipped"
 MANIFEST = REPO / "PRISMRTLib" / "weights" / "manifest.json"
 MIRROR = "https://raw.githubusercontent.com/prism-rt/PRISMRT/main/PRISMRTLib/weights/shipped"
-# default steps: about an hour in total on this project's 2-core CPU machines with the three running side by side
-DEFAULT_STEPS = {"medsam": 480, "biomedclip": 1400, "dinov3": 500}
+# default steps: the shipped runs (training/standins/REPORT.md); 15-20 min each at 1 thread on a free core
+DEFAULT_STEPS = {"medsam": 700, "biomedclip": 1500, "dinov3": 250}
 TEACHERS = ("medsam", "biomedclip", "dinov3")
 
 
@@ -72,6 +72,7 @@ def _wait(name: str, running: dict, seconds: dict) -> None:
 
 
 def evaluate_all(out: Path, threads: int) -> None:
+    """Evaluation alone (training runs already evaluate at their end; this is for --skip-training)."""
     for name in ("medsam", "biomedclip"):  # dinov3 evaluates at the end of its training run (--eval)
         cmd = [PY, "-m", f"training.standins.{name}", "eval", "--out", str(out / name), "--threads", str(threads)]
         print(f"[standins] {' '.join(cmd[1:])}", flush=True)
@@ -87,7 +88,7 @@ def collect_report(out: Path, seconds: dict) -> Path:
              "(`.venv/bin/python -m training.train_standins --export`). Not for clinical use.", ""]
     for name in TEACHERS:
         run = out / name
-        report = run / "report.md"
+        report = next((run / n for n in ("report.md", "evaluation.md") if (run / n).exists()), run / "report.md")
         parts += [f"## {name}", ""]
         if name in seconds:
             parts += [f"Training wall time: {seconds[name] / 60:.1f} min.", ""]
@@ -150,7 +151,8 @@ def main(argv=None) -> int:
     steps = {name: getattr(args, f"{name}_steps") for name in TEACHERS}
     seconds = {} if args.skip_training else train_all(args.out, steps, args.seed, args.threads, args.limit,
                                                        args.sequential)
-    evaluate_all(args.out, args.threads)
+    if args.skip_training:
+        evaluate_all(args.out, args.threads)
     print(f"[standins] report: {collect_report(args.out, seconds)}")
     if args.export:
         print(f"[standins] bundle: {export_bundle(args.out)}")
