@@ -1,4 +1,4 @@
-"""DINOv3-like stand-in teacher: timm's DINOv3 ViT (registers, RoPE), scaled down, trained self-supervised on OpenKBP CT.
+"""DINOv3-like stand-in teacher: timm's DINOv3 ViT (registers, RoPE), scaled down, self-supervised on OpenKBP CT.
 
 Method: self-distillation with an EMA teacher and iBOT-style masking (the DINOv2/DINOv3 family), not masked image
 modelling. Why:
@@ -390,7 +390,6 @@ def ssl_losses(student: SSLModel, teacher: SSLModel, batch: dict, centers: dict,
     x = dinov3_input(batch["images"])
     n2 = x.shape[0]
     b = n2 // 2
-    g = batch["body"].shape[-1]
     body = batch["body"].reshape(n2, -1)
     masked = batch["masks"].reshape(n2, -1)
     with torch.no_grad():
@@ -616,7 +615,8 @@ def export(backbone: nn.Module, out_dir: "str | Path", model_config: DinoV3Confi
     save_file(state, str(path), metadata={"format": "pt", "config": json.dumps(model_config.to_dict())})
     (out / CONFIG_FILE).write_text(json.dumps({
         "config": model_config.to_dict(),
-        "note": "stand-in DINOv3-like teacher trained self-supervised on OpenKBP head-and-neck CTs; not for clinical use",
+        "note": ("stand-in DINOv3-like teacher trained self-supervised on OpenKBP head-and-neck CTs; "
+                 "not for clinical use"),
         "training": info or {},
     }, indent=1))
     return path
@@ -883,7 +883,10 @@ def evaluate(model: nn.Module | None, val_cases: list[CTCase], *, controls: dict
         for name, m in models.items():
             m.train(was_training[name])
 
+    ref = next(iter(models.values()), None)
+    model_grid = ref.patch_embed.img_size[0] // ref.patch_embed.patch_size[0] if ref is not None else None
     results = {"settings": {"pairs": len(pairs), "slice_pairs": len(jobs), "shifts": list(shifts),
+                            "model_grid": model_grid,
                             "neighbours": neighbours, "stride": stride, "anchors": list(anchors),
                             "mind": mind_params, "metrics": metrics, "patients": [c.name for c in val_cases]},
                "grids": {}}
@@ -942,10 +945,14 @@ def markdown_table(results: dict, grid: str = "pixels", order=None) -> str:
     return "\n".join(lines)
 
 
-GRID_TITLES = {
-    "pixels": "Pixels (every 2nd pixel; learned features bilinearly upsampled from 16 x 16)",
-    "patches": "Patches (the model's 16 x 16 grid; a cell carries a structure covering >= 50% of it)",
-}
+def _grid_title(grid: str, settings: dict) -> str:
+    g = settings.get("model_grid")
+    if grid == "pixels":
+        return (f"Pixels (a stride-{settings['stride']} lattice of the 128 px slice; learned features bilinearly "
+                f"upsampled from their {g} x {g} grid)")
+    if grid == "patches":
+        return f"Patches (the model's {g} x {g} grid; a cell carries a structure covering >= 50% of it)"
+    return grid
 
 
 def write_report(results: dict, out_dir: "str | Path", extra: str = "") -> Path:
@@ -959,7 +966,7 @@ def write_report(results: dict, out_dir: "str | Path", extra: str = "") -> Path:
         "labelled points whose nearest neighbour among B's body points is in the same structure.\n"
     )
     for g, table in results["grids"].items():
-        text += f"\n## {GRID_TITLES.get(g, g)}\n\n" + markdown_table(results, g) + "\n"
+        text += f"\n## {_grid_title(g, s)}\n\n" + markdown_table(results, g) + "\n"
     if extra:
         text += f"\n{extra}\n"
     path = out / "eval.md"
