@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,11 @@ import SimpleITK as sitk
 
 from PRISMRTLib.imaging import Geometry, Letterbox, Orientation, SlicePlane, read_image
 from PRISMRTLib.imaging.intensity import Window
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("PRISMRT_SHARED_DATA", REPO.parent / "shared" / "data"))
+TRAIN_DIR = SHARED_DATA / "openkbp" / "train-pats"
+VAL_DIR = SHARED_DATA / "openkbp" / "validation-pats"
 
 STRUCTURES = (
     "Brainstem", "SpinalCord", "RightParotid", "LeftParotid", "Esophagus", "Larynx", "Mandible",

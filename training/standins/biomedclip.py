@@ -75,13 +75,10 @@ from PRISMRTLib.models.biomedclip import (
     BIOMEDCLIP_PRESETS, BiomedCLIP, BiomedCLIPConfig, VocabTokenizer, biomedclip_input, build_biomedclip, write_vocab,
 )
 from training.data import (
-    MIRRORED, STRUCTURES, CTCase, SliceSample, SliceSampler, augment_window, cut_slice, load_cases,
+    MIRRORED, REPO, STRUCTURES, TRAIN_DIR, VAL_DIR, CTCase, SliceSample, SliceSampler, augment_window, cut_slice,
+    load_cases,
 )
 
-REPO = Path(__file__).resolve().parents[2]
-SHARED_DATA = Path(os.environ.get("PRISMRT_SHARED_DATA", REPO.parent / "shared" / "data"))
-TRAIN_DIR = SHARED_DATA / "openkbp" / "train-pats"
-VAL_DIR = SHARED_DATA / "openkbp" / "validation-pats"
 VOCAB_PATH = Path(__file__).with_name("vocab.txt")
 
 WEIGHTS_NAME = "biomedclip_standin.safetensors"

@@ -71,11 +71,8 @@ from PRISMRTLib.imaging import Letterbox, SlicePlane
 from PRISMRTLib.imaging.intensity import Window
 from PRISMRTLib.models.dinov3 import DINOV3_PRESETS, DinoV3Config, build_dinov3, dinov3_features, dinov3_input
 from training.data import AIR_HU, STRUCTURES, CTCase, SliceSampler, augment_window, cut_slice, load_cases
+from training.data import REPO, TRAIN_DIR, VAL_DIR
 
-REPO = Path(__file__).resolve().parents[2]
-SHARED_DATA = Path(os.environ.get("PRISMRT_SHARED_DATA", REPO.parent / "shared" / "data"))
-TRAIN_DIR = SHARED_DATA / "openkbp" / "train-pats"
-VAL_DIR = SHARED_DATA / "openkbp" / "validation-pats"
 
 WEIGHTS_FILE = "dinov3_standin.safetensors"
 CONFIG_FILE = "dinov3_standin.json"

@@ -52,11 +52,8 @@ from PRISMRTLib.imaging import Orientation, SlicePlane
 from PRISMRTLib.imaging.intensity import Window
 from PRISMRTLib.models.medsam import MEDSAM_PRESETS, MedSAMConfig, build_medsam, medsam_input
 from training.data import STRUCTURES, CTCase, SliceSampler, augment_window, cut_slice, load_cases
+from training.data import TRAIN_DIR, VAL_DIR
 
-REPO = Path(__file__).resolve().parents[2]
-SHARED_DATA = Path(os.environ.get("PRISMRT_SHARED_DATA", REPO.parent / "shared" / "data"))
-TRAIN_DIR = SHARED_DATA / "openkbp" / "train-pats"
-VAL_DIR = SHARED_DATA / "openkbp" / "validation-pats"
 
 WEIGHTS_NAME = "medsam_standin.safetensors"
 CONFIG_NAME = "medsam_standin.json"
