@@ -78,8 +78,11 @@ def simulate_clicks(session: SegmentationSession, reference: np.ndarray, max_cli
             kji = _interior_voxel(missed if positive else extra, spacing)
         point = geometry.index_to_physical(np.array(kji[::-1], float))
         result = session.add_point(point, positive=positive)
-        if propagate and session.plane.extract(session.mask, result.index).any():
-            session.propagate(from_index=result.index)
+        if propagate:
+            if result.mask.any():
+                session.propagate(from_index=result.index)
+            elif session.mask.any():  # the click emptied its slice: the structure ends there
+                session.propagate()
         mask = session.mask.astype(bool)
         scores.append((dice(mask, reference), iou(mask, reference), hd95(mask, reference, spacing)))
     return scores

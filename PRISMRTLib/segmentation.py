@@ -233,7 +233,8 @@ class SegmentationSession:
         Each new slice is prompted with its neighbour's box, the neighbour's most interior point and its mask logits.
         Propagation stops at a slice whose predicted IoU is below ``min_score``, whose area is below ``min_area_mm2``,
         whose overlap (Dice) with the neighbour is below ``min_overlap``, or at a slice drawn with clicks (which
-        the user owns). Slices that were propagated before are replaced. Returns the 3D mask.
+        the user owns; a slice the user emptied ends the structure there, and what was propagated beyond it is
+        cleared). Slices that were propagated before are replaced. Returns the 3D mask.
         """
         seeds = [i for i, s in self._source.items() if s == "clicks" and self.plane.extract(self.mask, i).any()]
         if from_index is None:
@@ -252,6 +253,9 @@ class SegmentationSession:
             previous, prev_logits, index, done = seed_mask, self._logits.get(from_index), from_index + direction, 0
             while 0 <= index < self.plane.num_slices and done < limit:
                 if self._source.get(index) == "clicks":
+                    # a drawn slice is the user's and so is what was propagated beyond it; an erased one ends the
+                    # structure, so what was propagated through it is cleared below
+                    index = index + direction if not self.plane.extract(self.mask, index).any() else -1
                     break
                 if index not in step.before:
                     step.before[index] = self._state(index)

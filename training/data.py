@@ -156,6 +156,7 @@ class SliceSampler:
         self.cases, self.seed, self.size = cases, int(seed), int(size)
         self.orientations = tuple(Orientation.parse(o) for o in orientations)
         self.structure_bias, self.mirror_prob = structure_bias, mirror_prob
+        self._by_name = {c.name: c for c in cases}
         self._planes = {}
         self._occupied = {}  # (case, orientation, structure) -> slice indices where it appears
 
@@ -191,6 +192,15 @@ class SliceSampler:
             index = int(rng.integers(plane.num_slices))
         mirror = orientation != Orientation.SAGITTAL and rng.random() < self.mirror_prob
         return cut_slice(case, orientation, index, self.size, mirror)
+
+    def neighbour(self, sample: SliceSample, offset: int) -> SliceSample | None:
+        """The slice ``offset`` indices away from ``sample`` in the same case, orientation and mirroring (what
+        propagation sees next); None beyond the volume."""
+        case = self._by_name[sample.case]
+        index = sample.index + int(offset)
+        if not 0 <= index < self._plane(case, Orientation.parse(sample.orientation)).num_slices:
+            return None
+        return cut_slice(case, sample.orientation, index, self.size, sample.mirrored)
 
     def batch(self, step: int, batch_size: int) -> list[SliceSample]:
         """Batch ``step`` of a run: samples ``step * batch_size ... + batch_size - 1``."""

@@ -192,3 +192,25 @@ def test_bad_clicks_and_boxes_are_refused(phantom):
         session.set_box(plane.slice_coords_to_point([10, 5, 5]), plane.slice_coords_to_point([12, 20, 20]))
     with pytest.raises(PrismRTError, match="nothing to propagate"):
         session.propagate()
+
+
+def test_an_erased_slice_ends_the_propagation_there(phantom):
+    """Emptying a propagated slice and propagating again clears what had been propagated through it (and only on
+    that side); a drawn, non-empty slice keeps what lies beyond it."""
+    image, ptv = phantom
+    session = SegmentationSession(OracleBackend(), image, "axial", window="soft-tissue")
+    plane = session.plane
+    index, stack, point = _largest_slice(session, ptv)
+    session.add_point(point)
+    session.propagate(min_area_mm2=1.0, min_overlap=0.0)
+    full = plane.stack_view(session.mask.astype(bool)).any(axis=(1, 2))
+    cut = index + 3
+    assert full[cut + 1:].any() and full[:index].any()
+    session.clear_slice(cut)
+    session.propagate(min_area_mm2=1.0, min_overlap=0.0)
+    now = plane.stack_view(session.mask.astype(bool)).any(axis=(1, 2))
+    assert not now[cut:].any()  # the erased slice and everything beyond it
+    np.testing.assert_array_equal(now[:cut], full[:cut])  # the seed's side is unchanged
+    assert session.undo() == "propagate"
+    np.testing.assert_array_equal(plane.stack_view(session.mask.astype(bool)).any(axis=(1, 2))[cut + 1:],
+                                  full[cut + 1:])

@@ -229,3 +229,73 @@ def test_evaluate_reports_clicks_and_box_per_structure(tmp_path, cases):
     report = M.write_report(tmp_path, {"central": result}).read_text()
     assert result["markdown"] in report
     assert f"PTV70 from 3 clicks: {result['per_structure']['PTV70']['clicks_3']:.3f}" in report
+
+
+# ---- propagation-style prompts ----------------------------------------------------------------------------------------
+def test_neighbour_slice_keeps_case_orientation_and_mirroring(cases):
+    from training.data import SliceSampler, cut_slice
+
+    sampler = SliceSampler(cases, seed=0, size=48, mirror_prob=1.0, orientations=("axial", "coronal"))
+    s = sampler.sample(3)
+    for offset in (1, -1):
+        n = sampler.neighbour(s, offset)
+        if n is None:
+            continue
+        case = next(c for c in cases if c.name == s.case)
+        expected = cut_slice(case, s.orientation, s.index + offset, 48, mirror=s.mirrored)
+        assert (n.case, n.orientation, n.index, n.mirrored) == (s.case, s.orientation, s.index + offset, s.mirrored)
+        np.testing.assert_array_equal(n.labels, expected.labels)
+    assert sampler.neighbour(s, 10_000) is None and sampler.neighbour(s, -s.index - 1) is None
+
+
+def test_propagation_samples_come_from_the_next_slice_and_include_ends(cases):
+    """With p_propagate=1 every object is prompted from the sampled slice's mask and judged on its neighbour: the
+    target is that neighbour's mask (one slice away, so it overlaps the source), and past the structure's last slice
+    the target is empty (the model must learn to stop)."""
+    from training.data import SliceSampler
+
+    sampler = SliceSampler(cases, seed=0, size=48, orientations=("axial",))
+    empty_targets = 0
+    for n in range(60):
+        image, masks, rngs, sources = M._sample(sampler, 0, n, 2, p_propagate=1.0)
+        again = M._sample(sampler, 0, n, 2, p_propagate=1.0)  # counter-based: same n, same sample
+        np.testing.assert_array_equal(image, again[0])
+        for target, source in zip(masks, sources):
+            assert source is not None and source.sum() >= M.MIN_PIXELS
+            if target.any():
+                assert M.dice(target, source) > 0.3  # adjacent slices of smooth synthetic structures
+            else:
+                empty_targets += 1
+    assert empty_targets > 0
+    # without propagation no source, and the old sampling stream is unchanged
+    _, masks0, _, sources0 = M._sample(sampler, 0, 5, 2)
+    assert sources0 == [None, None]
+
+
+def test_train_step_handles_propagation_prompts_with_empty_targets(cases):
+    from training.data import SliceSampler
+
+    torch.manual_seed(0)
+    model = build_medsam(MEDSAM_PRESETS["tiny"])
+    sampler = SliceSampler(cases, seed=0, size=model.image_encoder.img_size, orientations=("axial",))
+    settings = M.TrainSettings(steps=1, iterations=3, p_propagate=1.0)
+    found = None
+    for n in range(200):
+        item = M._sample(sampler, 0, n, 2, p_propagate=1.0)
+        if any(not m.any() for m in item[1]):
+            found = item
+            break
+    assert found is not None
+    image, masks, rngs, sources = found
+    loss, stats = M.train_step(model, image[None], np.stack(masks), np.zeros(2, int), rngs, settings, sources)
+    assert torch.isfinite(loss) and len(stats["dice"]) == 3
+    loss.backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_mask_prompt_is_signed_and_low_res():
+    m = np.zeros((48, 48), bool)
+    m[10:20, 30:40] = True
+    p = M.mask_prompt(m, 24, scale=8.0)
+    assert p.shape == (1, 1, 24, 24)
+    assert float(p[0, 0, 7, 17]) == 8.0 and float(p[0, 0, 0, 0]) == -8.0  # inside (rows 5-9, cols 15-19), outside

@@ -91,7 +91,7 @@ BODY_HU = -500.0
 class SSLConfig:
     """Hyper-parameters of the self-distillation (defaults are the ones the reported run used)."""
 
-    objective: str = "regression"  # "regression" (BYOL/data2vec-style cosine to the teacher's tokens) or "dino"
+    objective: str = "regression"  # "contrastive" (dense InfoNCE), "regression" (cosine to teacher tokens) or "dino"
     lr: float = 5e-4
     min_lr: float = 1e-5
     warmup_frac: float = 0.08
@@ -117,6 +117,10 @@ class SSLConfig:
     koleo_weight: float = 0.0  # KoLeo on the student CLS (DINOv2); off: at initialisation all CLS tokens coincide
     freeze_prototypes_frac: float = 0.03
     layerscale_init: float = 0.1
+    # "contrastive" objective only: dense InfoNCE between corresponding points of the two views
+    nce_temp: float = 0.2
+    nce_exclusion: float = 2.0  # patches: keys this close to the corresponding point are neither positive nor negative
+    proj_dim: int = 128
     crop: int | None = 64  # views are crops of this many pixels around the body (None: the whole 128 px frame)
     crop_jitter: float = 6.0  # px (std) of each crop's offset from the body's centre
     zoom: tuple[float, float] = (0.85, 1.3)  # shared by both views (zoom in = content larger)
@@ -153,9 +157,9 @@ class ProjectionHead(nn.Module):
 class Predictor(nn.Module):
     """BYOL/data2vec predictor: an MLP from student tokens to the teacher's token space."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, out: int | None = None):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, out or dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -175,8 +179,11 @@ class SSLModel(nn.Module):
         elif cfg.objective == "regression":
             self.cls_head = Predictor(dim, cfg.head_hidden)
             self.patch_head = Predictor(dim, cfg.head_hidden)
+        elif cfg.objective == "contrastive":
+            self.cls_head = Predictor(dim, cfg.head_hidden)
+            self.patch_head = Predictor(dim, cfg.head_hidden, cfg.proj_dim)
         else:
-            raise ValueError(f"unknown objective '{cfg.objective}': use 'regression' or 'dino'")
+            raise ValueError(f"unknown objective '{cfg.objective}': use 'contrastive', 'regression' or 'dino'")
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
 
 
@@ -395,6 +402,8 @@ def ssl_losses(student: SSLModel, teacher: SSLModel, batch: dict, centers: dict,
     zero = s_cls.sum() * 0
     if cfg.objective == "dino":
         terms, diag = _dino_terms(student, teacher, t_cls, t_patch, s_cls, s_patch, batch, centers, sched, cfg)
+    elif cfg.objective == "contrastive":
+        terms, diag = _contrastive_terms(student, teacher, t_cls, t_patch, s_cls, s_patch, batch, centers, cfg)
     else:
         terms, diag = _regression_terms(student, t_cls, t_patch, s_cls, s_patch, batch, centers, cfg)
     koleo = 0.5 * (_koleo(s_cls[:b]) + _koleo(s_cls[b:])) if (b > 1 and cfg.koleo_weight) else zero
@@ -439,6 +448,46 @@ def _regression_terms(student, t_cls, t_patch, s_cls, s_patch, batch, centers, c
     patch_masked = cos_loss(pred[is_m], tp[sel_m])
     patch_visible = cos_loss(pred[~is_m], cross[sel_v])
     return {"cls": cls, "patch_masked": patch_masked, "patch_visible": patch_visible}, {}
+
+
+def _contrastive_terms(student, teacher, t_cls, t_patch, s_cls, s_patch, batch, centers, cfg):
+    """Dense contrastive (InfoNCE) with known correspondences, as in self-supervised anatomical embeddings (Yan et
+    al., SAM, IEEE TMI 2022) and PixPro/VADeR: each body patch of view u (query: student, projected) must pick the
+    EMA teacher's key at the *same anatomy* in view v among the keys of every other body patch of v of the same
+    slice (negatives; keys within ``nce_exclusion`` patches of the true point are left out). Only the same slice
+    gives negatives: the same anatomy in another patient must stay close, since that is what matching looks for.
+    Masked queries (iBOT masking) must find their key from context alone. CLS: cosine regression as "regression"."""
+    n2, b = t_cls.shape[0], t_cls.shape[0] // 2
+    g = batch["body"].shape[-1]
+    body = batch["body"].reshape(n2, -1)
+    masked = batch["masks"].reshape(n2, -1)
+    with torch.no_grad():
+        tc = t_cls - centers["cls"]
+        centers["cls"].mul_(cfg.center_momentum).add_(t_cls.mean(0, keepdim=True), alpha=1 - cfg.center_momentum)
+        keys = F.normalize(teacher.patch_head(t_patch), dim=-1)  # (2B, N, P)
+        positive, other_body = _cross_view(keys.transpose(1, 2).reshape(n2, -1, g, g), batch)
+        positive = F.normalize(positive, dim=-1)
+        keys_other = torch.cat([keys[b:], keys[:b]])
+        body_other = torch.cat([body[b:], body[:b]])
+        centres = torch.from_numpy(patch_centres(g).reshape(-1, 2)).float()  # key positions in the other crop
+        near = torch.cdist(batch["grids"].reshape(n2, -1, 2), centres[None].expand(n2, -1, -1)) \
+            < cfg.nce_exclusion * 2 / g
+        negative_ok = body_other[:, None, :] & ~near  # (2B, N queries, N keys)
+        use = body & batch["valid"].reshape(n2, -1) & (other_body > 0.5)
+    cls = (1 - F.cosine_similarity(student.cls_head(s_cls), torch.cat([tc[b:], tc[:b]]), dim=-1)).mean()
+    q = F.normalize(student.patch_head(s_patch), dim=-1)
+    pos = (q * positive).sum(-1, keepdim=True) / cfg.nce_temp  # (2B, N, 1)
+    neg = torch.einsum("bnp,bmp->bnm", q, keys_other) / cfg.nce_temp
+    neg = neg.masked_fill(~negative_ok, float("-inf"))
+    nce = torch.logsumexp(torch.cat([pos, neg], -1), -1) - pos[..., 0]  # (2B, N)
+    zero = s_cls.sum() * 0
+    sel_m, sel_v = use & masked, use & ~masked
+    with torch.no_grad():
+        top1 = float((pos[..., 0] > neg.max(-1).values)[use].float().mean()) if use.any() else float("nan")
+    return ({"cls": cls, "patch_masked": nce[sel_m].mean() if sel_m.any() else zero,
+             "patch_visible": nce[sel_v].mean() if sel_v.any() else zero},
+            {"nce_top1": top1, "negatives_per_query": float(negative_ok[use].sum(-1).float().mean()) if use.any()
+             else 0.0})
 
 
 def _dino_terms(student, teacher, t_cls, t_patch, s_cls, s_patch, batch, centers, sched, cfg):
@@ -591,15 +640,24 @@ def train(out_dir: "str | Path", steps: int, seed: int = 0, batch_size: int = 16
             print(f"[dinov3] step {step}/{steps} loss {entry['loss']:.3f} cls {entry['cls']:.3f} "
                   f"masked {entry['patch_masked']:.3f} visible {entry['patch_visible']:.3f} "
                   f"teacher token cos {entry['teacher_token_cos']:.3f} "
+                  + (f"nce top1 {entry['nce_top1']:.2f} " if "nce_top1" in entry else "") +
                   f"lr {sched['lr']:.2e} {entry['seconds']:.2f} s/step", flush=True)
         if step % cfg.checkpoint_every == 0 and step < steps:
             save(step)
     save(step)
     return export(teacher.backbone, out, model_config, {
         "steps_done": step, "steps": steps, "seed": seed, "batch_size": batch_size, "stopped_early": stopped_early,
-        "method": "DINO + iBOT self-distillation (EMA teacher backbone)",
+        "method": METHODS[cfg.objective],
         "data": "OpenKBP head-and-neck CT (train-pats), letterboxed 128 px slices",
     })
+
+
+METHODS = {
+    "contrastive": "dense contrastive learning between corresponding points of two views (InfoNCE, EMA keys, "
+                   "iBOT masking); EMA teacher backbone",
+    "regression": "self-distillation by cosine regression of an EMA teacher's tokens (iBOT masking); EMA teacher backbone",
+    "dino": "DINO + iBOT self-distillation (EMA teacher backbone)",
+}
 
 
 def export(backbone: nn.Module, out_dir: "str | Path", model_config: DinoV3Config, info: dict | None = None) -> Path:
@@ -1007,6 +1065,7 @@ def main(argv=None) -> int:
     t.add_argument("--batch-size", type=int, default=16)
     t.add_argument("--threads", type=int, default=1)
     t.add_argument("--max-minutes", type=float, default=None)
+    t.add_argument("--objective", choices=("contrastive", "regression", "dino"), default=SSLConfig.objective)
     t.add_argument("--train-dir", default=str(TRAIN_DIR))
     t.add_argument("--no-resume", action="store_true")
     t.add_argument("--eval", action="store_true", help="evaluate on validation-pats afterwards")
@@ -1021,6 +1080,7 @@ def main(argv=None) -> int:
         t0 = time.time()
         path = train(args.out, args.steps, seed=args.seed, batch_size=args.batch_size, threads=args.threads,
                      resume=not args.no_resume, train_dir=args.train_dir,
+                     ssl=SSLConfig(objective=args.objective),
                      max_seconds=None if args.max_minutes is None else 60 * args.max_minutes)
         print(f"[dinov3] wrote {path} in {time.time() - t0:.0f} s", flush=True)
         plot_log(args.out)

@@ -213,6 +213,7 @@ class TrainSettings:
     axial_share: float = 0.5  # fraction of axial slices (the rest coronal and sagittal, equally)
     iterations: int = 4  # prompt rounds per object: the first prompt, then corrective clicks
     p_box: float = 0.5  # chance that the first prompt is a box (else one click)
+    p_propagate: float = 0.0  # chance that a slice is prompted as propagation does, from its neighbour's masks
     iou_weight: float = 1.0
     clip: float = 1.0
     train_cases: str = ""
@@ -234,20 +235,44 @@ def _lr_factor(step: int, s: TrainSettings) -> float:
     return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
-def _sample(sampler: SliceSampler, seed: int, n: int, prompts: int = 1):
+def _sample(sampler: SliceSampler, seed: int, n: int, prompts: int = 1, p_propagate: float = 0.0):
     """Image ``n`` of a run: the windowed slice (S, S), ``prompts`` masks of structures visible in it (distinct while
-    there are enough), and one generator per mask (window, prompts, clicks); depends only on (seed, n)."""
+    there are enough), one generator per mask (window, prompts, clicks), and per mask the mask it is prompted from
+    (None: prompted by clicks or a box as SAM is); depends only on (seed, n).
+
+    With probability ``p_propagate`` the image is a *propagation* step: the structures are chosen on the sampled
+    slice, and the image and targets are those of the next slice up or down (the structure may have ended there:
+    the target is then empty), prompted from the sampled slice's masks as :meth:`SegmentationSession.propagate`
+    prompts a new slice from its neighbour's result.
+    """
     rng = np.random.default_rng([seed, 0x5A4D, n])
     for attempt in range(64):
         s = sampler.sample(n + (attempt << 40))
         visible = s.visible(MIN_PIXELS)
         if visible:
-            image = augment_window(s.hu, rng)
+            target = s
+            if p_propagate > 0 and rng.random() < p_propagate:
+                step = 1 if rng.random() < 0.5 else -1
+                target = sampler.neighbour(s, step) or sampler.neighbour(s, -step)
+            image = augment_window(target.hu, rng)
             order = list(rng.permutation(len(visible)))
             chosen = [visible[order[p % len(order)]] for p in range(prompts)]
             rngs = [np.random.default_rng([seed, 0x5A4D, n, p + 1]) for p in range(prompts)]
-            return image, [s.mask(c) for c in chosen], rngs
+            sources = [s.mask(c) if target is not s else None for c in chosen]
+            return image, [target.mask(c) for c in chosen], rngs, sources
     raise RuntimeError("no slice with a visible structure in 64 draws: are the structure masks empty?")
+
+
+def mask_prompt(mask: np.ndarray, size: int, scale: float = 8.0) -> torch.Tensor:
+    """A binary mask as SAM's mask prompt: (1, 1, size, size) logits, +scale inside and -scale outside (area
+    averaged), standing in for the low-res logits propagation feeds from the neighbouring slice."""
+    m = torch.from_numpy(np.asarray(mask, np.float32))[None, None]
+    m = F.adaptive_avg_pool2d(m, size)
+    return scale * (2 * m - 1)
+
+
+def _random_pixel(rng: np.random.Generator, shape) -> tuple[int, int]:
+    return int(rng.integers(shape[0])), int(rng.integers(shape[1]))
 
 
 def _mask_losses(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -267,36 +292,46 @@ def _iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def train_step(model: Sam, images: np.ndarray, masks: np.ndarray, owners: np.ndarray,
-               rngs: list[np.random.Generator], s: TrainSettings) -> tuple[torch.Tensor, dict]:
+               rngs: list[np.random.Generator], s: TrainSettings,
+               sources: list[np.ndarray | None] | None = None) -> tuple[torch.Tensor, dict]:
     """One SAM-style interactive step: ``images`` (B, S, S) in [0, 1]; ``masks`` (N, S, S), the objects to segment,
     mask ``i`` in image ``owners[i]`` (SAM also prompts several objects per image: one encoder pass serves them);
-    one generator per object. Returns the loss (to backpropagate) and statistics."""
+    one generator per object; ``sources``: per object the neighbouring slice's mask it is prompted from as
+    propagation does (None: box or clicks). Returns the loss (to backpropagate) and statistics."""
     size = images.shape[-1]
     device = next(model.parameters()).device
     target = torch.from_numpy(masks[:, None].astype(np.float32)).to(device)
     target_bool = target.bool()
     embeddings = model.image_encoder(medsam_input(torch.from_numpy(images).to(device)))[torch.as_tensor(owners)]
 
+    sources = list(sources) if sources is not None else [None] * len(rngs)
     use_box = np.array([r.random() < s.p_box for r in rngs])
-    groups = [g for g in (np.flatnonzero(use_box), np.flatnonzero(~use_box)) if len(g)]
-    boxes = {i: jittered_box(masks[i], rngs[i]) for i in np.flatnonzero(use_box)}
-    clicks: list[list] = [[] for _ in rngs]
-    for i in np.flatnonzero(~use_box):
-        clicks[i].append((*first_click(masks[i], rngs[i]), 1))
-    previous: dict[int, torch.Tensor] = {}
+    kind = np.array(["propagate" if src is not None else "box" if b else "click" for src, b in zip(sources, use_box)])
+    groups = [g for g in (np.flatnonzero(kind == k) for k in ("box", "click", "propagate")) if len(g)]
+    low_size = model.prompt_encoder.mask_input_size[0]
+    boxes, clicks, previous = {}, [[] for _ in rngs], {}
+    for i in range(len(rngs)):
+        if kind[i] == "box":
+            boxes[i] = jittered_box(masks[i], rngs[i])
+        elif kind[i] == "click":
+            clicks[i].append((*first_click(masks[i], rngs[i]), 1))
+        else:  # as propagation: the neighbour's box, its deepest point and its mask
+            boxes[i] = jittered_box(sources[i], rngs[i])
+            clicks[i].append((*first_click(sources[i]), 1))
+            previous[i] = mask_prompt(sources[i], low_size, float(rngs[i].uniform(4, 12))).to(device)
 
     total = torch.zeros((), device=device)
     stats = {"dice": [], "loss": []}
     for it in range(s.iterations):
         round_loss, round_dice = torch.zeros((), device=device), np.zeros(len(rngs))
         for g in groups:
-            box_group = bool(use_box[g[0]])
-            multimask = it == 0 and not box_group
+            group = kind[g[0]]
+            multimask = it == 0 and group == "click"
             low, iou_pred = decode(
                 model, embeddings[g],
                 points=_points([clicks[i] for i in g], device),
-                boxes=_boxes([boxes[i] for i in g], device) if box_group else None,
-                mask_input=torch.cat([previous[i] for i in g]) if it else None,
+                boxes=_boxes([boxes[i] for i in g], device) if group != "click" else None,
+                mask_input=torch.cat([previous[i] for i in g]) if (it or group == "propagate") else None,
                 multimask=multimask,
             )
             logits = _upsample(low, size)
@@ -314,8 +349,9 @@ def train_step(model: Sam, images: np.ndarray, masks: np.ndarray, owners: np.nda
                 round_dice[i] = dice(pred[k], masks[i])
                 if it + 1 < s.iterations:
                     click = corrective_click(pred[k], masks[i], rngs[i])
-                    if click is None:  # exact already: confirm with a positive click inside (keeps counts equal)
-                        click = (*first_click(masks[i], rngs[i]), 1)
+                    if click is None:  # exact already: confirm it with a click (keeps the counts equal)
+                        click = ((*first_click(masks[i], rngs[i]), 1) if masks[i].any()
+                                 else (*_random_pixel(rngs[i], masks.shape[-2:]), 0))
                     clicks[i].append(click)
         round_loss = round_loss / len(rngs)
         total = total + round_loss
@@ -345,7 +381,8 @@ def _resolve_config(config) -> MedSAMConfig:
 def train(out_dir, steps: int, seed: int = 0, batch_size: int = 8, threads: int = 1, resume: bool = True,
           train_dir=TRAIN_DIR, log_every: int = 10, ckpt_every: int = 100, *, config="standin", cases=None,
           limit: int | None = None, stop_at: int | None = None, lr: float = 5e-4, iterations: int = 4,
-          p_box: float = 0.5, prompts_per_image: int = 2, axial_share: float = 0.5, device: str = "cpu",
+          p_box: float = 0.5, p_propagate: float = 0.25, prompts_per_image: int = 2, axial_share: float = 0.5,
+          device: str = "cpu",
           verbose: bool = True) -> Sam:
     """Train the MedSAM-like stand-in; returns the model (weights also saved in ``out_dir``).
 
@@ -363,6 +400,7 @@ def train(out_dir, steps: int, seed: int = 0, batch_size: int = 8, threads: int 
         cases = load_cases(train_dir, limit=limit)
     settings = TrainSettings(steps=int(steps), seed=int(seed), batch_size=int(batch_size), config=cfg.to_dict(),
                              lr=float(lr), iterations=int(iterations), p_box=float(p_box),
+                             p_propagate=float(p_propagate),
                              prompts_per_image=int(prompts_per_image), axial_share=float(axial_share),
                              train_cases=",".join(c.name for c in cases))
     torch.manual_seed(settings.seed)
@@ -400,12 +438,14 @@ def train(out_dir, steps: int, seed: int = 0, batch_size: int = 8, threads: int 
     window, t0 = {"loss": [], "dice": [], "round_dice": [], "time": 0.0}, time.perf_counter()
     for step in range(start, end):
         t = time.perf_counter()
-        items = [_sample(sampler, settings.seed, step * settings.batch_size + i, settings.prompts_per_image)
+        items = [_sample(sampler, settings.seed, step * settings.batch_size + i, settings.prompts_per_image,
+                         settings.p_propagate)
                  for i in range(settings.batch_size)]
         images = np.stack([x[0] for x in items])
         masks = np.stack([m for x in items for m in x[1]])
         owners = np.repeat(np.arange(len(items)), settings.prompts_per_image)
-        loss, stats = train_step(model, images, masks, owners, [r for x in items for r in x[2]], settings)
+        loss, stats = train_step(model, images, masks, owners, [r for x in items for r in x[2]], settings,
+                                 [m for x in items for m in x[3]])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip)
@@ -669,6 +709,8 @@ def main(argv=None) -> None:
     t.add_argument("--prompts-per-image", type=int, default=2)
     t.add_argument("--axial-share", type=float, default=0.5)
     t.add_argument("--p-box", type=float, default=0.5)
+    t.add_argument("--p-propagate", type=float, default=0.25,
+                   help="share of slices prompted from their neighbour's masks, as 3D propagation does")
     t.add_argument("--config", default="standin", choices=sorted(MEDSAM_PRESETS))
     t.add_argument("--train-dir", default=str(TRAIN_DIR))
     t.add_argument("--limit", type=int, default=None, help="first N training patients only")
@@ -690,7 +732,7 @@ def main(argv=None) -> None:
         train(a.out, a.steps, seed=a.seed, batch_size=a.batch_size, threads=a.threads, resume=not a.no_resume,
               train_dir=a.train_dir, log_every=a.log_every, ckpt_every=a.ckpt_every, config=a.config, limit=a.limit,
               stop_at=a.stop_at, lr=a.lr, iterations=a.iterations, prompts_per_image=a.prompts_per_image,
-              axial_share=a.axial_share, p_box=a.p_box)
+              axial_share=a.axial_share, p_box=a.p_box, p_propagate=a.p_propagate)
         plot_log(a.out)
         if a.no_eval or (a.stop_at is not None and a.stop_at < a.steps):
             return
