@@ -37,7 +37,7 @@ TEACHERS = ("medsam", "biomedclip", "dinov3")
 def _train_command(name: str, out: Path, steps: int, seed: int, threads: int, limit: int | None) -> list[str]:
     cmd = [PY, "-m", f"training.standins.{name}", "train", "--out", str(out), "--steps", str(steps),
            "--seed", str(seed), "--threads", str(threads)]
-    if limit and name in ("medsam", "biomedclip"):
+    if limit:
         cmd += ["--limit", str(limit)]
     if name == "dinov3":
         cmd += ["--eval"]

@@ -17,8 +17,8 @@ from training.data import STRUCTURES, CTCase
 from training.standins import dinov3 as sd
 
 TINY = DINOV3_PRESETS["tiny"]  # 128 px, patch 16: an 8 x 8 grid
-SMALL_SSL = sd.SSLConfig(cls_prototypes=16, patch_prototypes=16, head_hidden=32, head_bottleneck=16,
-                         checkpoint_every=1000, mask_prob=1.0)
+SMALL_SSL = sd.SSLConfig(cls_prototypes=16, patch_prototypes=16, head_hidden=32, head_bottleneck=16, proj_dim=16,
+                         checkpoint_every=1000, mask_prob=1.0, nce_exclusion=0.5)  # 4 x 4 crops: keep negatives
 
 
 def bit(name: str) -> int:
@@ -254,9 +254,10 @@ def test_export_round_trip_loads_strictly_into_build_dinov3(tmp_path):
     assert meta["config"] == config.to_dict() and "not for clinical use" in meta["note"]
 
 
-def test_dino_objective_runs_and_exports(tmp_path):
-    """The prototype (DINO + iBOT) objective trains too; its heads stay out of the exported timm state dict."""
-    cfg = dataclasses.replace(SMALL_SSL, objective="dino")
+@pytest.mark.parametrize("objective", ["dino", "regression"])
+def test_other_objectives_run_and_export(tmp_path, objective):
+    """The prototype (DINO + iBOT) and cosine-regression objectives train too; its heads stay out of the exported timm state dict."""
+    cfg = dataclasses.replace(SMALL_SSL, objective=objective)
     path = sd.train(tmp_path, 2, batch_size=2, cases=[synthetic_case("pt_1", seed=1)], model_config=TINY, ssl=cfg,
                     verbose=False)
     log = json.loads((tmp_path / sd.LOG_FILE).read_text())["log"]
@@ -269,7 +270,8 @@ def test_dino_objective_runs_and_exports(tmp_path):
 
 def test_contrastive_objective_runs_and_exports(tmp_path):
     """Dense InfoNCE between corresponding points: finite loss, the match rate logged, heads not exported."""
-    cfg = dataclasses.replace(SMALL_SSL, objective="contrastive", proj_dim=16, crop=None, nce_exclusion=1.0)
+    cfg = dataclasses.replace(SMALL_SSL, crop=None, nce_exclusion=1.0)
+    assert cfg.objective == "contrastive"  # the default, as shipped
     path = sd.train(tmp_path, 2, batch_size=2, cases=[synthetic_case("pt_1", seed=1)], model_config=TINY, ssl=cfg,
                     verbose=False)
     log = json.loads((tmp_path / sd.LOG_FILE).read_text())["log"]

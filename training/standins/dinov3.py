@@ -1,28 +1,24 @@
 """DINOv3-like stand-in teacher: timm's DINOv3 ViT (registers, RoPE), scaled down, self-supervised on OpenKBP CT.
 
-Method: self-distillation with an EMA teacher and iBOT-style masking (the DINOv2/DINOv3 family), not masked image
-modelling. Why:
+Method (``SSLConfig.objective``; default ``"contrastive"``, the shipped run): an EMA teacher, iBOT-style masking,
+and a dense objective between two views whose geometric correspondence is known exactly. Not masked image
+modelling: the features are used for *matching* (registration looks for the same anatomy in another patient or
+time point), so a patch's feature must say *which anatomy it is*, invariantly to contrast, noise and small geometric
+changes; pixel regression keeps intensity detail and is known to be weak for nearest-neighbour retrieval.
 
-- The features are used for *matching* (registration looks for the same anatomy in another patient or time point),
-  so a patch's feature must say *which anatomy it is*, invariantly to contrast, noise and small geometric changes.
-  Self-distillation trains exactly that: two views of one slice must give the same token at corresponding points,
-  and a masked patch must be predicted from its surroundings (its anatomical context). Masked image modelling
-  regresses pixels; its features keep intensity detail and are known to be weak for nearest-neighbour retrieval.
-- It is how the real DINOv3 was trained, so the stand-in's features behave like the teacher's in kind.
-
-Objective (``SSLConfig.objective``):
-
-- ``"regression"`` (default; BYOL/data2vec-style self-distillation): the student's small predictor regresses the
-  EMA teacher's final tokens, centred by a running mean, with a cosine loss. Terms: CLS of view u against the
-  teacher's CLS of view v; masked patches against the teacher's unmasked same view (iBOT/data2vec); visible patches
-  against the teacher's other view resampled at the corresponding point (dense invariance).
-- ``"dino"`` (DINO + iBOT proper): the same three terms with prototype heads and cross-entropy to teacher targets
-  centred (Sinkhorn-Knopp as DINOv2/v3, or DINO's running centre) and sharpened (temperature 0.04; student 0.1).
-  Kept because it is the real recipe; measured here it does not learn at this budget: with batches of 16 slices
-  whose body covers a few dozen patches, the teacher's prototype assignments were not predictable across views, the
-  student settled on a uniform output (cross-entropy = log K for K = 8 to 256 prototypes, 80-150 steps, also with
-  weaker augmentation), and the dense features stayed at the random-init level; the cosine regression gets a dense
-  gradient from every feature dimension and learns within the first few hundred steps.
+- ``"contrastive"`` (dense InfoNCE, as self-supervised anatomical embeddings, Yan et al., IEEE TMI 2022, and
+  PixPro/VADeR): each body patch of one view must pick the EMA teacher's key at the same anatomy in the other view
+  among the keys of every other body patch of that slice (keys within ``nce_exclusion`` patches of the true point
+  are neither positive nor negative). Negatives come only from the same slice, so the same anatomy in another
+  patient is never pushed away. Masked patches must find their key from context alone. CLS: cosine regression.
+- ``"regression"`` (BYOL/data2vec-style self-distillation): the student's predictor regresses the EMA teacher's
+  centred tokens with a cosine loss (CLS across views; masked patches against the teacher's unmasked view; visible
+  patches against the other view at the corresponding point). Measured: learns within-slice invariance but its
+  features matched structures across patients no better than random initialisation (REPORT.md history).
+- ``"dino"`` (DINO + iBOT proper): prototype heads, cross-entropy to Sinkhorn-Knopp-centred, sharpened teacher
+  targets. Kept because it is the real recipe; measured here it does not learn at this budget: with batches of 16
+  slices whose body covers a few dozen patches, the student settled on a uniform output (cross-entropy = log K for
+  K = 8 to 256 prototypes, 80-150 steps, also with weaker augmentation).
 
 Views: a slice (axial twice as often as coronal or sagittal; structure-biased sampling from
 :class:`training.data.SliceSampler`) gets one random zoom/rotation about the body shared by both views plus a small
@@ -91,7 +87,7 @@ BODY_HU = -500.0
 class SSLConfig:
     """Hyper-parameters of the self-distillation (defaults are the ones the reported run used)."""
 
-    objective: str = "regression"  # "contrastive" (dense InfoNCE), "regression" (cosine to teacher tokens) or "dino"
+    objective: str = "contrastive"  # "contrastive" (dense InfoNCE), "regression" (cosine to teacher tokens) or "dino"
     lr: float = 5e-4
     min_lr: float = 1e-5
     warmup_frac: float = 0.08
@@ -1067,6 +1063,7 @@ def main(argv=None) -> int:
     t.add_argument("--max-minutes", type=float, default=None)
     t.add_argument("--objective", choices=("contrastive", "regression", "dino"), default=SSLConfig.objective)
     t.add_argument("--train-dir", default=str(TRAIN_DIR))
+    t.add_argument("--limit", type=int, default=None, help="first N training patients only (quick runs)")
     t.add_argument("--no-resume", action="store_true")
     t.add_argument("--eval", action="store_true", help="evaluate on validation-pats afterwards")
     t.add_argument("--val-dir", default=str(VAL_DIR))
@@ -1079,7 +1076,7 @@ def main(argv=None) -> int:
     if args.command == "train":
         t0 = time.time()
         path = train(args.out, args.steps, seed=args.seed, batch_size=args.batch_size, threads=args.threads,
-                     resume=not args.no_resume, train_dir=args.train_dir,
+                     resume=not args.no_resume, cases=load_cases(args.train_dir, limit=args.limit),
                      ssl=SSLConfig(objective=args.objective),
                      max_seconds=None if args.max_minutes is None else 60 * args.max_minutes)
         print(f"[dinov3] wrote {path} in {time.time() - t0:.0f} s", flush=True)
