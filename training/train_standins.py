@@ -1,12 +1,15 @@
 """Train the three stand-in teachers on OpenKBP head-and-neck CT, evaluate them, and ship them as one bundle.
 
     .venv/bin/python -m training.train_standins [--out training/runs/standins] [--seed 0] [--threads 1]
-        [--medsam-steps N] [--biomedclip-steps N] [--dinov3-steps N] [--limit N] [--sequential]
+        [--medsam-steps N] [--medsam-finetune-steps N] [--biomedclip-steps N] [--dinov3-steps N] [--limit N]
+        [--sequential]
         [--export] [--skip-training]
 
 1. Trains MedSAM-like, BiomedCLIP-like and DINOv3-like models (``training/standins/*.py``), each in its own process
    (in parallel by default: each uses ``--threads`` CPU threads), seeded and resumable: run the same command again
-   after an interruption and each continues from its last checkpoint.
+   after an interruption and each continues from its last checkpoint. The MedSAM-like run has two stages: SAM-style
+   interactive training (``medsam_base``), then fine-tuning weighted towards propagation steps out of structures'
+   last slices (``medsam``), so that 3D propagation stops where a structure ends.
 2. Evaluates each on ``validation-pats`` (their reports: ``report.md`` in each run folder) and copies the tables and
    training curves into ``training/standins/REPORT.md`` and ``docs/images/``.
 3. With ``--export``: writes the ``teachers`` bundle ``teachers-standin-openkbp`` (float16 safetensors, a few MB) into
@@ -34,41 +37,59 @@ DEFAULT_STEPS = {"medsam": 700, "biomedclip": 1500, "dinov3": 250}
 TEACHERS = ("medsam", "biomedclip", "dinov3")
 
 
-def _train_command(name: str, out: Path, steps: int, seed: int, threads: int, limit: int | None) -> list[str]:
-    cmd = [PY, "-m", f"training.standins.{name}", "train", "--out", str(out), "--steps", str(steps),
-           "--seed", str(seed), "--threads", str(threads)]
-    if limit:
-        cmd += ["--limit", str(limit)]
-    if name == "dinov3":
-        cmd += ["--eval"]
-    return cmd
+# the MedSAM-like run ends with a fine-tuning stage weighted towards propagation, stepping out of structures' last
+# slices, so that 3D propagation learns to stop (training/standins/medsam.py, ``end_share``)
+MEDSAM_FINETUNE = {"steps": 700, "lr": 2e-4, "p_propagate": 0.4, "end_share": 0.5}
 
 
-def train_all(out: Path, steps: dict, seed: int, threads: int, limit: int | None, sequential: bool) -> dict:
+def _train_commands(name: str, out: Path, steps: int, seed: int, threads: int, limit: int | None,
+                    finetune_steps: int = MEDSAM_FINETUNE["steps"]) -> list[list[str]]:
+    """The command lines of one teacher's training, run one after the other; the last writes ``out``."""
+    def command(folder: Path, n: int, *extra: str) -> list[str]:
+        cmd = [PY, "-m", f"training.standins.{name}", "train", "--out", str(folder), "--steps", str(n),
+               "--seed", str(seed), "--threads", str(threads), *extra]
+        return cmd + (["--limit", str(limit)] if limit else [])
+
+    if name == "medsam":
+        base = out.with_name(out.name + "_base")
+        ft = MEDSAM_FINETUNE
+        return [command(base, steps, "--no-eval"),
+                command(out, finetune_steps, "--lr", str(ft["lr"]), "--p-propagate", str(ft["p_propagate"]),
+                        "--end-share", str(ft["end_share"]), "--init-from", str(base))]
+    return [command(out, steps, *(["--eval"] if name == "dinov3" else []))]
+
+
+def train_all(out: Path, steps: dict, seed: int, threads: int, limit: int | None, sequential: bool,
+              finetune_steps: int = MEDSAM_FINETUNE["steps"]) -> dict:
+    """Train the teachers, each in its own process(es), side by side unless ``sequential``; wall time per teacher."""
+    import threading
+
     out.mkdir(parents=True, exist_ok=True)
-    running, seconds = {}, {}
-    for name in TEACHERS:
-        cmd = _train_command(name, out / name, steps[name], seed, threads, limit)
-        log = open(out / f"{name}.log", "a")
-        print(f"[standins] {' '.join(cmd[1:])}  (log: {out / (name + '.log')})", flush=True)
+    seconds, failures = {}, {}
+
+    def run(name: str) -> None:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        running[name] = (proc, start, log)
+        with open(out / f"{name}.log", "a") as log:
+            for cmd in _train_commands(name, out / name, steps[name], seed, threads, limit, finetune_steps):
+                print(f"[standins] {' '.join(cmd[1:])}  (log: {out / (name + '.log')})", flush=True)
+                code = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
+                if code != 0:
+                    failures[name] = code
+                    return
+        seconds[name] = time.perf_counter() - start
+        print(f"[standins] {name} done in {seconds[name] / 60:.1f} min", flush=True)
+
+    workers = [threading.Thread(target=run, args=(name,)) for name in TEACHERS]
+    for w in workers:
+        w.start()
         if sequential:
-            _wait(name, running, seconds)
-    for name in list(running):
-        _wait(name, running, seconds)
+            w.join()
+    for w in workers:
+        w.join()
+    if failures:
+        raise SystemExit("[standins] training failed: " + ", ".join(f"{n} (exit {c})" for n, c in failures.items())
+                         + "; see the logs in " + str(out))
     return seconds
-
-
-def _wait(name: str, running: dict, seconds: dict) -> None:
-    proc, start, log = running.pop(name)
-    code = proc.wait()
-    log.close()
-    seconds[name] = time.perf_counter() - start
-    if code != 0:
-        raise SystemExit(f"[standins] {name} training failed (exit {code}); see its log")
-    print(f"[standins] {name} done in {seconds[name] / 60:.1f} min", flush=True)
 
 
 def evaluate_all(out: Path, threads: int) -> None:
@@ -102,8 +123,9 @@ def collect_report(out: Path, seconds: dict) -> Path:
     return path
 
 
-def export_bundle(out: Path) -> Path:
-    """The teachers bundle of the three trained stand-ins, shipped in the package and listed in the manifest."""
+def export_bundle(out: Path, folder: Path | None = None, manifest: Path | None = MANIFEST) -> Path:
+    """The teachers bundle of the three trained stand-ins, shipped in the package (or written to ``folder``) and
+    listed in ``manifest`` (None: not listed; for trying a bundle out with ``--teachers-model FOLDER``)."""
     import torch
 
     from PRISMRTLib.models import preset_configs, save_bundle
@@ -116,7 +138,7 @@ def export_bundle(out: Path) -> Path:
         "dinov3": dinov3.load_trained(out / "dinov3"),
         "biomedclip": biomedclip.load_trained(out / "biomedclip"),
     }
-    folder = SHIPPED / BUNDLE_NAME / BUNDLE_VERSION
+    folder = Path(folder) if folder is not None else SHIPPED / BUNDLE_NAME / BUNDLE_VERSION
     meta = {
         "description": "stand-in teachers (MedSAM-, DINOv3- and BiomedCLIP-like, small) trained on 170 OpenKBP "
                        "head-and-neck CTs; not for clinical use",
@@ -125,14 +147,16 @@ def export_bundle(out: Path) -> Path:
     }
     save_bundle(folder, "teachers", configs, modules, biomedclip.VOCAB_PATH, name=BUNDLE_NAME, version=BUNDLE_VERSION,
                 meta=meta, overwrite=True, float_dtype=torch.float16)
+    if manifest is None:
+        return folder
     entry = model_entry_for_folder(
         folder, name=BUNDLE_NAME, version=BUNDLE_VERSION, base_urls=[MIRROR],
         licence="stand-in weights: MIT (trained on OpenKBP data, CC BY 3.0/4.0 via TCIA)",
         description=meta["description"], homepage="https://github.com/prism-rt/PRISMRT",
     )
-    manifest = json.loads(MANIFEST.read_text())
-    manifest["models"] = [m for m in manifest.get("models", []) if m["name"] != BUNDLE_NAME] + [entry]
-    MANIFEST.write_text(json.dumps(manifest, indent=2) + "\n")
+    listing = json.loads(Path(manifest).read_text())
+    listing["models"] = [m for m in listing.get("models", []) if m["name"] != BUNDLE_NAME] + [entry]
+    Path(manifest).write_text(json.dumps(listing, indent=2) + "\n")
     return folder
 
 
@@ -147,10 +171,12 @@ def main(argv=None) -> int:
     parser.add_argument("--export", action="store_true", help="write the shipped bundle and manifest entry")
     for name in TEACHERS:
         parser.add_argument(f"--{name}-steps", type=int, default=DEFAULT_STEPS[name])
+    parser.add_argument("--medsam-finetune-steps", type=int, default=MEDSAM_FINETUNE["steps"],
+                        help="steps of the MedSAM-like propagation fine-tuning stage")
     args = parser.parse_args(argv)
     steps = {name: getattr(args, f"{name}_steps") for name in TEACHERS}
     seconds = {} if args.skip_training else train_all(args.out, steps, args.seed, args.threads, args.limit,
-                                                       args.sequential)
+                                                       args.sequential, args.medsam_finetune_steps)
     if args.skip_training:
         evaluate_all(args.out, args.threads)
     print(f"[standins] report: {collect_report(args.out, seconds)}")

@@ -299,3 +299,27 @@ def test_mask_prompt_is_signed_and_low_res():
     p = M.mask_prompt(m, 24, scale=8.0)
     assert p.shape == (1, 1, 24, 24)
     assert float(p[0, 0, 7, 17]) == 8.0 and float(p[0, 0, 0, 0]) == -8.0  # inside (rows 5-9, cols 15-19), outside
+
+
+def test_end_samples_step_out_of_a_structure(cases):
+    """end_share=1: the first object is prompted from a structure's last slice and judged on the slice beyond it,
+    where the structure has ended (empty target) or is about to (a few pixels of its tip)."""
+    from training.data import SliceSampler
+
+    sampler = SliceSampler(cases, seed=0, size=48, orientations=("axial",))
+    emptied = 0
+    for n in range(30):
+        _, masks, _, sources = M._sample(sampler, 0, n, 2, p_propagate=1.0, end_share=1.0)
+        assert sources[0] is not None and sources[0].sum() >= M.MIN_PIXELS
+        assert masks[0].sum() < sources[0].sum()  # walking out of the structure
+        emptied += not masks[0].any()
+    assert emptied >= 20
+
+
+def test_fine_tuning_starts_from_a_finished_run(tmp_path, cases):
+    base = M.train(tmp_path / "base", steps=1, cases=cases, **FAST)
+    tuned = M.train(tmp_path / "tuned", steps=1, cases=cases, init_from=tmp_path / "base", lr=0.0, **FAST)
+    a, b = base.state_dict(), tuned.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # lr 0: nothing moved from the starting weights
+    with pytest.raises(FileNotFoundError, match="finish that run first"):
+        M.train(tmp_path / "other", steps=1, cases=cases, init_from=tmp_path / "missing", **FAST)

@@ -214,6 +214,8 @@ class TrainSettings:
     iterations: int = 4  # prompt rounds per object: the first prompt, then corrective clicks
     p_box: float = 0.5  # chance that the first prompt is a box (else one click)
     p_propagate: float = 0.0  # chance that a slice is prompted as propagation does, from its neighbour's masks
+    end_share: float = 0.0  # of those, the share stepping out of a structure's last slice (the target is empty)
+    init_from: str = ""  # a finished run whose weights start this one (fine-tuning); "" = random initialisation
     iou_weight: float = 1.0
     clip: float = 1.0
     train_cases: str = ""
@@ -235,32 +237,60 @@ def _lr_factor(step: int, s: TrainSettings) -> float:
     return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
-def _sample(sampler: SliceSampler, seed: int, n: int, prompts: int = 1, p_propagate: float = 0.0):
+def _sample(sampler: SliceSampler, seed: int, n: int, prompts: int = 1, p_propagate: float = 0.0,
+            end_share: float = 0.0):
     """Image ``n`` of a run: the windowed slice (S, S), ``prompts`` masks of structures visible in it (distinct while
     there are enough), one generator per mask (window, prompts, clicks), and per mask the mask it is prompted from
     (None: prompted by clicks or a box as SAM is); depends only on (seed, n).
 
     With probability ``p_propagate`` the image is a *propagation* step: the structures are chosen on the sampled
-    slice, and the image and targets are those of the next slice up or down (the structure may have ended there:
-    the target is then empty), prompted from the sampled slice's masks as :meth:`SegmentationSession.propagate`
-    prompts a new slice from its neighbour's result.
+    slice, and the image and targets are those of the next slice up or down, prompted from the sampled slice's masks
+    as :meth:`SegmentationSession.propagate` prompts a new slice from its neighbour's result. In ``end_share`` of
+    those the sampled slice is moved to the last slice of one of its structures and the step goes outward, where the
+    target is empty: the model must learn that the structure has ended (brainstem into spinal cord, say), or
+    propagation never stops.
     """
     rng = np.random.default_rng([seed, 0x5A4D, n])
     for attempt in range(64):
         s = sampler.sample(n + (attempt << 40))
         visible = s.visible(MIN_PIXELS)
         if visible:
-            target = s
+            target, first = s, None
             if p_propagate > 0 and rng.random() < p_propagate:
                 step = 1 if rng.random() < 0.5 else -1
+                if end_share > 0 and rng.random() < end_share:
+                    first = visible[int(rng.integers(len(visible)))]
+                    s = _last_slice(sampler, s, first, step)
+                    visible = s.visible(MIN_PIXELS)
                 target = sampler.neighbour(s, step) or sampler.neighbour(s, -step)
             image = augment_window(target.hu, rng)
             order = list(rng.permutation(len(visible)))
             chosen = [visible[order[p % len(order)]] for p in range(prompts)]
+            if first is not None and first in visible:
+                chosen[0] = first
             rngs = [np.random.default_rng([seed, 0x5A4D, n, p + 1]) for p in range(prompts)]
             sources = [s.mask(c) if target is not s else None for c in chosen]
             return image, [target.mask(c) for c in chosen], rngs, sources
     raise RuntimeError("no slice with a visible structure in 64 draws: are the structure masks empty?")
+
+
+def _last_slice(sampler: SliceSampler, s, structure: str, step: int):
+    """The slice of ``s``'s case (same orientation and mirroring) where ``structure`` is last visible going in
+    direction ``step``."""
+    raw = structure
+    if s.mirrored and structure in MIRRORED:
+        raw = MIRRORED[structure]  # the sample's labels are mirrored; the case's are not
+    case = next(c for c in sampler.cases if c.name == s.case)
+    indices = sampler._slices_with(case, Orientation.parse(s.orientation), STRUCTURES.index(raw))
+    ordered = indices[::-1] if step > 0 else indices  # from the end the step walks out of
+    for index in ordered[:4]:
+        candidate = sampler.neighbour(s, int(index) - s.index)
+        if candidate is not None and structure in candidate.visible(MIN_PIXELS):
+            return candidate
+    return s
+
+
+MIRRORED = {"LeftParotid": "RightParotid", "RightParotid": "LeftParotid"}
 
 
 def mask_prompt(mask: np.ndarray, size: int, scale: float = 8.0) -> torch.Tensor:
@@ -381,8 +411,8 @@ def _resolve_config(config) -> MedSAMConfig:
 def train(out_dir, steps: int, seed: int = 0, batch_size: int = 8, threads: int = 1, resume: bool = True,
           train_dir=TRAIN_DIR, log_every: int = 10, ckpt_every: int = 100, *, config="standin", cases=None,
           limit: int | None = None, stop_at: int | None = None, lr: float = 5e-4, iterations: int = 4,
-          p_box: float = 0.5, p_propagate: float = 0.25, prompts_per_image: int = 2, axial_share: float = 0.5,
-          device: str = "cpu",
+          p_box: float = 0.5, p_propagate: float = 0.25, end_share: float = 0.0, init_from=None,
+          prompts_per_image: int = 2, axial_share: float = 0.5, device: str = "cpu",
           verbose: bool = True) -> Sam:
     """Train the MedSAM-like stand-in; returns the model (weights also saved in ``out_dir``).
 
@@ -400,11 +430,17 @@ def train(out_dir, steps: int, seed: int = 0, batch_size: int = 8, threads: int 
         cases = load_cases(train_dir, limit=limit)
     settings = TrainSettings(steps=int(steps), seed=int(seed), batch_size=int(batch_size), config=cfg.to_dict(),
                              lr=float(lr), iterations=int(iterations), p_box=float(p_box),
-                             p_propagate=float(p_propagate),
+                             p_propagate=float(p_propagate), end_share=float(end_share),
+                             init_from=str(init_from or ""),
                              prompts_per_image=int(prompts_per_image), axial_share=float(axial_share),
                              train_cases=",".join(c.name for c in cases))
     torch.manual_seed(settings.seed)
     model = build_medsam(cfg).to(device).train()
+    if settings.init_from:
+        start_weights = Path(settings.init_from) / WEIGHTS_NAME
+        if not start_weights.is_file():
+            raise FileNotFoundError(f"--init-from {settings.init_from}: no {WEIGHTS_NAME} there; finish that run first")
+        model.load_state_dict(load_file(str(start_weights)), strict=True)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "pos" not in n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
@@ -439,7 +475,7 @@ def train(out_dir, steps: int, seed: int = 0, batch_size: int = 8, threads: int 
     for step in range(start, end):
         t = time.perf_counter()
         items = [_sample(sampler, settings.seed, step * settings.batch_size + i, settings.prompts_per_image,
-                         settings.p_propagate)
+                         settings.p_propagate, settings.end_share)
                  for i in range(settings.batch_size)]
         images = np.stack([x[0] for x in items])
         masks = np.stack([m for x in items for m in x[1]])
@@ -711,6 +747,9 @@ def main(argv=None) -> None:
     t.add_argument("--p-box", type=float, default=0.5)
     t.add_argument("--p-propagate", type=float, default=0.25,
                    help="share of slices prompted from their neighbour's masks, as 3D propagation does")
+    t.add_argument("--end-share", type=float, default=0.0,
+                   help="share of those stepping out of a structure's last slice (empty target)")
+    t.add_argument("--init-from", default=None, help="start from this finished run's weights (fine-tuning)")
     t.add_argument("--config", default="standin", choices=sorted(MEDSAM_PRESETS))
     t.add_argument("--train-dir", default=str(TRAIN_DIR))
     t.add_argument("--limit", type=int, default=None, help="first N training patients only")
@@ -732,7 +771,8 @@ def main(argv=None) -> None:
         train(a.out, a.steps, seed=a.seed, batch_size=a.batch_size, threads=a.threads, resume=not a.no_resume,
               train_dir=a.train_dir, log_every=a.log_every, ckpt_every=a.ckpt_every, config=a.config, limit=a.limit,
               stop_at=a.stop_at, lr=a.lr, iterations=a.iterations, prompts_per_image=a.prompts_per_image,
-              axial_share=a.axial_share, p_box=a.p_box, p_propagate=a.p_propagate)
+              axial_share=a.axial_share, p_box=a.p_box, p_propagate=a.p_propagate, end_share=a.end_share,
+              init_from=a.init_from)
         plot_log(a.out)
         if a.no_eval or (a.stop_at is not None and a.stop_at < a.steps):
             return
