@@ -79,6 +79,9 @@ def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     return int(rows[0]), int(cols[0]), int(rows[-1]), int(cols[-1])
 
 
+MASK_PROMPT_LOGIT = 8.0  # a propagated mask prompt: +-8 logits, the middle of the stand-in's training range (4-12)
+
+
 class SegmentationSession:
     """Delineate one structure in one volume. Not thread-safe for interactions; :meth:`prefetch` may run in a
     background thread while the user looks at the image."""
@@ -160,6 +163,16 @@ class SegmentationSession:
         mask = box.resize_to_slice(logits, order=1) > 0.0
         return mask, float(iou[0, best]), logits
 
+    def _mask_prompt(self, index: int, mask: np.ndarray) -> np.ndarray:
+        """A slice mask as SAM's mask prompt for slice ``index``: +-MASK_PROMPT_LOGIT on the low-resolution grid of
+        the model frame (area-averaged at the edges). Propagation feeds the neighbour's *mask* this way, as the
+        stand-in was trained, rather than its raw logits, whose scale (tens) no training prompt had."""
+        features = self.features(index)
+        size = getattr(self.backend.prompt_encoder, "mask_input_size", None)
+        low = int(size[0]) if size is not None else 4 * int(features.sam_embedding.shape[-1])
+        frac = features.letterbox.at_size(low).resize_to_model(mask.astype(np.float32), order=1, pad_value=0.0)
+        return (MASK_PROMPT_LOGIT * (2.0 * np.clip(frac, 0.0, 1.0) - 1.0)).astype(np.float32)
+
     def _area_mm2(self, mask: np.ndarray) -> float:
         sr, sc = self.plane.pixel_spacing
         return float(np.count_nonzero(mask)) * sr * sc
@@ -230,7 +243,8 @@ class SegmentationSession:
                   min_overlap: float = 0.2, max_slices: int | None = None, progress=None) -> sitk.Image:
         """Grow the mask from a drawn slice outward in both directions until the structure ends.
 
-        Each new slice is prompted with its neighbour's box, the neighbour's most interior point and its mask logits.
+        Each new slice is prompted with its neighbour's box, the neighbour's most interior point and its mask (as
+        +-MASK_PROMPT_LOGIT logits).
         Propagation stops at a slice whose predicted IoU is below ``min_score``, whose area is below ``min_area_mm2``,
         whose overlap (Dice) with the neighbour is below ``min_overlap``, or at a slice drawn with clicks (which
         the user owns; a slice the user emptied ends the structure there, and what was propagated beyond it is
@@ -250,7 +264,7 @@ class SegmentationSession:
         # slices that will change: every propagated slice (they are recomputed) and whatever we reach
         step = _Step("propagate", {})
         for direction in (+1, -1):
-            previous, prev_logits, index, done = seed_mask, self._logits.get(from_index), from_index + direction, 0
+            previous, index, done = seed_mask, from_index + direction, 0
             while 0 <= index < self.plane.num_slices and done < limit:
                 if self._source.get(index) == "clicks":
                     # a drawn slice is the user's and so is what was propagated beyond it; an erased one ends the
@@ -261,14 +275,14 @@ class SegmentationSession:
                     step.before[index] = self._state(index)
                 r0, c0, r1, c1 = mask_box(previous)
                 prompts = SlicePrompts(points=[interior_point(previous)], labels=[1], box=(r0, c0, r1, c1))
-                mask, score, logits = self._predict(index, prompts, prev_logits)
+                mask, score, logits = self._predict(index, prompts, self._mask_prompt(index, previous))
                 area = self._area_mm2(mask)
                 overlap = 2 * np.count_nonzero(mask & previous) / max(1, np.count_nonzero(mask) + np.count_nonzero(previous))
                 if score < min_score or area < min_area_mm2 or overlap < min_overlap:
                     break
                 self._write(index, mask, logits, "propagated")
                 self.prompts[index] = prompts  # a later click on this slice refines these prompts
-                previous, prev_logits = mask, logits
+                previous = mask
                 index += direction
                 done += 1
                 if progress:

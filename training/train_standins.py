@@ -32,8 +32,8 @@ BUNDLE_NAME, BUNDLE_VERSION = "teachers-standin-openkbp", "1"
 SHIPPED = REPO / "PRISMRTLib" / "weights" / "shipped"
 MANIFEST = REPO / "PRISMRTLib" / "weights" / "manifest.json"
 MIRROR = "https://raw.githubusercontent.com/prism-rt/PRISMRT/main/PRISMRTLib/weights/shipped"
-# default steps: the shipped runs (training/standins/REPORT.md); 15-20 min each at 1 thread on a free core
-DEFAULT_STEPS = {"medsam": 700, "biomedclip": 1500, "dinov3": 250}
+# default steps: the shipped runs (training/standins/REPORT.md); at 1 thread: MedSAM-like 55 + 16 min (two stages), DINOv3-like 50 min, BiomedCLIP-like 16 min
+DEFAULT_STEPS = {"medsam": 2500, "biomedclip": 1500, "dinov3": 2000}
 TEACHERS = ("medsam", "biomedclip", "dinov3")
 
 
@@ -115,7 +115,7 @@ def collect_report(out: Path, seconds: dict) -> Path:
             parts += [f"Training wall time: {seconds[name] / 60:.1f} min.", ""]
         parts += [report.read_text().strip() if report.exists() else "(no report)", ""]
         for png in sorted(run.glob("*.png")):
-            target = images / f"standin_{name}_{png.name}"
+            target = images / (f"standin_{png.name}" if png.name.startswith(name) else f"standin_{name}_{png.name}")
             shutil.copyfile(png, target)
             parts += [f"![{name} {png.stem}](../../docs/images/{target.name})", ""]
     path = REPO / "training" / "standins" / "REPORT.md"
