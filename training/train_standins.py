@@ -28,7 +28,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
-BUNDLE_NAME, BUNDLE_VERSION = "teachers-standin-openkbp", "1"
+BUNDLE_NAME, BUNDLE_VERSION = "teachers-standin-openkbp", "2"
 SHIPPED = REPO / "PRISMRTLib" / "weights" / "shipped"
 MANIFEST = REPO / "PRISMRTLib" / "weights" / "manifest.json"
 MIRROR = "https://raw.githubusercontent.com/prism-rt/PRISMRT/main/PRISMRTLib/weights/shipped"
