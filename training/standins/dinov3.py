@@ -42,7 +42,7 @@ patients, scored by whether the match lands on the same structure; raw intensity
 
 Commands (from the repository root)::
 
-    python -m training.standins.dinov3 train --out training/runs/dinov3 --steps 900 --eval
+    python -m training.standins.dinov3 train --out training/runs/dinov3 --steps 2000 --eval   # the shipped run
     python -m training.standins.dinov3 evaluate --out training/runs/dinov3
 """
 

@@ -25,7 +25,9 @@ Coordinates follow segment_anything: points are (x=column, y=row) pixel indices 
 
 Command line (``python -m training.standins.medsam --help``)::
 
-    python -m training.standins.medsam train --out training/runs/medsam --steps 700   # then evaluates
+    python -m training.standins.medsam train --out training/runs/medsam_base --steps 2500   # then evaluates
+    python -m training.standins.medsam train --out training/runs/medsam --steps 700 --lr 2e-4 \
+        --p-propagate 0.4 --end-share 0.5 --init-from training/runs/medsam_base          # the shipped model
     python -m training.standins.medsam evaluate --out training/runs/medsam [--slice largest]
 """
 
