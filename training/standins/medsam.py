@@ -8,6 +8,10 @@ Training follows SAM's interactive recipe on the ten OpenKBP structures, in axia
   pass serves them, as in SAM);
 - an object's first prompt is either a box (its bounding box, each side jittered by a few pixels) or one positive
   click at a random interior point (at least half as deep as the deepest);
+- a share ``p_propagate`` of the slices is prompted as 3D propagation prompts a slice (SAM has no such prompts): the
+  structures are chosen on the sampled slice, and the image and targets are the next slice's, prompted with the
+  sampled slice's box, most interior point and mask (as +-4..12 logits, :func:`mask_prompt`); ``end_share`` of them
+  step out of a structure's last slice, where the target is empty, so propagation can learn where a structure ends;
 - then ``iterations - 1`` corrective rounds: a click is added in the current error region (positive in a false
   negative, negative in a false positive; see :func:`corrective_click`) and the previous low-res mask logits are fed
   back as the mask prompt;
