@@ -109,11 +109,17 @@ def collect_report(out: Path, seconds: dict) -> Path:
              "(`.venv/bin/python -m training.train_standins --export`). Not for clinical use.", ""]
     for name in TEACHERS:
         run = out / name
-        report = next((run / n for n in ("report.md", "evaluation.md") if (run / n).exists()), run / "report.md")
+        report = next((run / n for n in ("report.md", "evaluation.md", "eval.md") if (run / n).exists()),
+                      run / "report.md")
         parts += [f"## {name}", ""]
         if name in seconds:
             parts += [f"Training wall time: {seconds[name] / 60:.1f} min.", ""]
         parts += [report.read_text().strip() if report.exists() else "(no report)", ""]
+        base = out / f"{name}_base" / "report.md"  # a first stage (MedSAM-like), for comparison
+        if base.exists():
+            parts += [f"### First stage (`{name}_base`), before fine-tuning", "",
+                      base.read_text().strip().replace("\n## ", "\n#### ").replace("# MedSAM-like", "#### MedSAM-like"),
+                      ""]
         for png in sorted(run.glob("*.png")):
             target = images / (f"standin_{png.name}" if png.name.startswith(name) else f"standin_{name}_{png.name}")
             shutil.copyfile(png, target)

@@ -698,7 +698,14 @@ def write_report(out_dir, results: dict) -> Path:
         text += (f"Trained {st['steps']} steps (seed {st['seed']}) of {st['batch_size']} slices x "
                  f"{st['prompts_per_image']} structures, {st['iterations']} prompt rounds each, "
                  f"AdamW lr {st['lr']:g} (warmup + cosine); {len(st['train_cases'].split(','))} training patients; "
-                 f"{minutes:.1f} min wall time in its last training session.\n\n")
+                 f"{minutes:.1f} min wall time in its last training session.")
+        if st.get("p_propagate"):
+            text += (f" {st['p_propagate']:.0%} of the slices prompted as propagation does (the neighbour's box, "
+                     f"point and mask), {st.get('end_share', 0):.0%} of those stepping out of a structure's last "
+                     "slice.")
+        if st.get("init_from"):
+            text += f" Fine-tuned from `{st['init_from']}`."
+        text += "\n\n"
     text += ("Clicks are simulated deterministically: the first at the point of the structure farthest from its "
              "boundary, each next one at the centre of the largest error region (positive in a miss, negative in a "
              "leak), with the previous mask fed back; the box is the structure's tight bounding box. Soft-tissue "
