@@ -202,6 +202,18 @@ class SliceSampler:
             return None
         return cut_slice(case, sample.orientation, index, self.size, sample.mirrored)
 
+    def last_slice(self, sample: SliceSample, structure: str, step: int, min_pixels: int = 10) -> SliceSample:
+        """The slice of ``sample``'s case (same orientation and mirroring) where ``structure`` is last visible going in
+        direction ``step`` (+1 or -1); ``sample`` itself when none of the last few slices shows it."""
+        raw = MIRRORED.get(structure, structure) if sample.mirrored else structure  # the case's are not mirrored
+        case = self._by_name[sample.case]
+        indices = self._slices_with(case, Orientation.parse(sample.orientation), STRUCTURES.index(raw))
+        for index in (indices[::-1] if step > 0 else indices)[:4]:
+            candidate = self.neighbour(sample, int(index) - sample.index)
+            if candidate is not None and structure in candidate.visible(min_pixels):
+                return candidate
+        return sample
+
     def batch(self, step: int, batch_size: int) -> list[SliceSample]:
         """Batch ``step`` of a run: samples ``step * batch_size ... + batch_size - 1``."""
         return [self.sample(step * batch_size + i) for i in range(batch_size)]

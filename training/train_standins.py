@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -117,9 +118,8 @@ def collect_report(out: Path, seconds: dict) -> Path:
         parts += [report.read_text().strip() if report.exists() else "(no report)", ""]
         base = out / f"{name}_base" / "report.md"  # a first stage (MedSAM-like), for comparison
         if base.exists():
-            parts += [f"### First stage (`{name}_base`), before fine-tuning", "",
-                      base.read_text().strip().replace("\n## ", "\n#### ").replace("# MedSAM-like", "#### MedSAM-like"),
-                      ""]
+            demoted = re.sub(r"(?m)^(#+) ", r"###\1 ", base.read_text().strip())  # nested under this section
+            parts += [f"### First stage (`{name}_base`), before fine-tuning", "", demoted, ""]
         for png in sorted(run.glob("*.png")):
             target = images / (f"standin_{png.name}" if png.name.startswith(name) else f"standin_{name}_{png.name}")
             shutil.copyfile(png, target)

@@ -295,10 +295,8 @@ def test_contrastive_loss_prefers_the_corresponding_point():
         def forward(self, x):
             return x
 
-    head = type("H", (), {})()
     student = type("S", (), {"cls_head": Identity(), "patch_head": Identity()})()
     teacher = type("T", (), {"patch_head": Identity()})()
-    del head
     tokens = torch.randn(1, g * g, dim).repeat(2 * b, 1, 1)  # both views see the same distinct tokens
     centres = torch.from_numpy(sd.patch_centres(g)).float()[None].repeat(2 * b, 1, 1, 1)
     batch = {"body": torch.ones(2 * b, g, g, dtype=torch.bool), "masks": torch.zeros(2 * b, g, g, dtype=torch.bool),

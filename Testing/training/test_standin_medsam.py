@@ -267,8 +267,8 @@ def test_propagation_samples_come_from_the_next_slice_and_include_ends(cases):
             else:
                 empty_targets += 1
     assert empty_targets > 0
-    # without propagation no source, and the old sampling stream is unchanged
-    _, masks0, _, sources0 = M._sample(sampler, 0, 5, 2)
+    # without propagation the objects are prompted by clicks or boxes: no source mask
+    _, _, _, sources0 = M._sample(sampler, 0, 5, 2)
     assert sources0 == [None, None]
 
 
@@ -323,3 +323,21 @@ def test_fine_tuning_starts_from_a_finished_run(tmp_path, cases):
     assert all(torch.equal(a[k], b[k]) for k in a)  # lr 0: nothing moved from the starting weights
     with pytest.raises(FileNotFoundError, match="finish that run first"):
         M.train(tmp_path / "other", steps=1, cases=cases, init_from=tmp_path / "missing", **FAST)
+
+
+def test_last_slice_follows_mirrored_structure_names(cases):
+    """On a mirrored slice the case's LeftParotid is labelled RightParotid; its last slice is still found, and the
+    slice beyond it no longer shows it."""
+    from training.data import SliceSampler
+
+    base = cases[0]
+    left = (base.labels >> STRUCTURES.index("Mandible")) & 1  # reuse the block as a left parotid (k = 2..8)
+    case = CTCase("pt_lr", base.hu, (left << STRUCTURES.index("LeftParotid")).astype(np.uint16), base.geometry)
+    sampler = SliceSampler([case], seed=0, size=48, orientations=("axial",), mirror_prob=1.0, structure_bias=1.0)
+    sample = next(s for s in (sampler.sample(n) for n in range(50)) if "RightParotid" in s.visible(M.MIN_PIXELS))
+    assert sample.mirrored
+    for step in (1, -1):
+        last = sampler.last_slice(sample, "RightParotid", step, M.MIN_PIXELS)
+        assert last.mirrored and "RightParotid" in last.visible(M.MIN_PIXELS)
+        beyond = sampler.neighbour(last, step)
+        assert beyond is None or "RightParotid" not in beyond.visible(M.MIN_PIXELS)

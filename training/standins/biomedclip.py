@@ -78,6 +78,7 @@ from training.data import (
     MIRRORED, REPO, STRUCTURES, TRAIN_DIR, VAL_DIR, CTCase, SliceSample, SliceSampler, augment_window, cut_slice,
     load_cases,
 )
+from training.standins.curves import open_curves, save_curves
 
 VOCAB_PATH = Path(__file__).with_name("vocab.txt")
 
@@ -1012,27 +1013,15 @@ def load_trained_tokenizer(out_dir) -> VocabTokenizer:
 
 
 def plot_curves(out_dir) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    opened = open_curves(Path(out_dir) / LOG_NAME, figsize=(9, 3.2))
+    if opened is None:
         return None
-    out = Path(out_dir)
-    log = json.loads((out / LOG_NAME).read_text())["log"]
-    if not log:
-        return None
-    steps = [e["step"] for e in log]
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig, ax, log, steps = opened
     ax[0].plot(steps, [e["loss"] for e in log])
     ax[0].set(xlabel="step", ylabel="multi-positive InfoNCE", title="BiomedCLIP stand-in: loss")
     ax[1].plot(steps, [e["i2t_top1"] for e in log])
     ax[1].set(xlabel="step", ylabel="fraction", ylim=(0, 1), title="image->text top-1 is a true caption")
-    fig.tight_layout()
-    fig.savefig(out / CURVES_NAME, dpi=100)
-    plt.close(fig)
-    return out / CURVES_NAME
+    return save_curves(fig, Path(out_dir) / CURVES_NAME)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

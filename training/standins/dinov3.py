@@ -68,6 +68,7 @@ from PRISMRTLib.imaging.intensity import Window
 from PRISMRTLib.models.dinov3 import DINOV3_PRESETS, DinoV3Config, build_dinov3, dinov3_features, dinov3_input
 from training.data import AIR_HU, STRUCTURES, CTCase, SliceSampler, augment_window, cut_slice, load_cases
 from training.data import REPO, TRAIN_DIR, VAL_DIR
+from training.standins.curves import open_curves, save_curves
 
 
 WEIGHTS_FILE = "dinov3_standin.safetensors"
@@ -1027,28 +1028,17 @@ def write_report(results: dict, out_dir: "str | Path", extra: str = "") -> Path:
 
 def plot_log(out_dir: "str | Path") -> Path | None:
     """Training curves (PNG) from the loss log; None without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    opened = open_curves(Path(out_dir) / LOG_FILE)
+    if opened is None:
         return None
-    out = Path(out_dir)
-    log = json.loads((out / LOG_FILE).read_text())["log"]
-    steps = [e["step"] for e in log]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig, axes, log, steps = opened
     for key in ("loss", "cls", "patch_masked", "patch_visible"):
         axes[0].plot(steps, [e[key] for e in log], label=key, lw=1)
     axes[0].set_xlabel("step"), axes[0].legend(), axes[0].set_title("DINOv3-like stand-in: losses")
     axes[1].plot(steps, [e["teacher_token_cos"] for e in log], lw=1)
     axes[1].set_ylim(0, 1)
     axes[1].set_xlabel("step"), axes[1].set_title("mean cosine between teacher body tokens (1 = collapse)")
-    fig.tight_layout()
-    path = out / "dinov3_curves.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_curves(fig, Path(out_dir) / "dinov3_curves.png")
 
 
 def main(argv=None) -> int:

@@ -59,6 +59,7 @@ from PRISMRTLib.imaging.intensity import Window
 from PRISMRTLib.models.medsam import MEDSAM_PRESETS, MedSAMConfig, build_medsam, medsam_input
 from training.data import STRUCTURES, CTCase, SliceSampler, augment_window, cut_slice, load_cases
 from training.data import TRAIN_DIR, VAL_DIR
+from training.standins.curves import open_curves, save_curves
 
 
 WEIGHTS_NAME = "medsam_standin.safetensors"
@@ -266,7 +267,7 @@ def _sample(sampler: SliceSampler, seed: int, n: int, prompts: int = 1, p_propag
                 step = 1 if rng.random() < 0.5 else -1
                 if end_share > 0 and rng.random() < end_share:
                     first = visible[int(rng.integers(len(visible)))]
-                    s = _last_slice(sampler, s, first, step)
+                    s = sampler.last_slice(s, first, step, MIN_PIXELS)
                     visible = s.visible(MIN_PIXELS)
                 target = sampler.neighbour(s, step) or sampler.neighbour(s, -step)
             image = augment_window(target.hu, rng)
@@ -278,25 +279,6 @@ def _sample(sampler: SliceSampler, seed: int, n: int, prompts: int = 1, p_propag
             sources = [s.mask(c) if target is not s else None for c in chosen]
             return image, [target.mask(c) for c in chosen], rngs, sources
     raise RuntimeError("no slice with a visible structure in 64 draws: are the structure masks empty?")
-
-
-def _last_slice(sampler: SliceSampler, s, structure: str, step: int):
-    """The slice of ``s``'s case (same orientation and mirroring) where ``structure`` is last visible going in
-    direction ``step``."""
-    raw = structure
-    if s.mirrored and structure in MIRRORED:
-        raw = MIRRORED[structure]  # the sample's labels are mirrored; the case's are not
-    case = next(c for c in sampler.cases if c.name == s.case)
-    indices = sampler._slices_with(case, Orientation.parse(s.orientation), STRUCTURES.index(raw))
-    ordered = indices[::-1] if step > 0 else indices  # from the end the step walks out of
-    for index in ordered[:4]:
-        candidate = sampler.neighbour(s, int(index) - s.index)
-        if candidate is not None and structure in candidate.visible(MIN_PIXELS):
-            return candidate
-    return s
-
-
-MIRRORED = {"LeftParotid": "RightParotid", "RightParotid": "LeftParotid"}
 
 
 def mask_prompt(mask: np.ndarray, size: int, scale: float = 8.0) -> torch.Tensor:
@@ -658,19 +640,10 @@ def dice_table(result: dict) -> str:
 
 def plot_log(out_dir) -> Path | None:
     """``medsam_curves.png``: training loss and training Dice per prompt round; None without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    opened = open_curves(Path(out_dir) / LOG_NAME)
+    if opened is None:
         return None
-    out = Path(out_dir)
-    log = json.loads((out / LOG_NAME).read_text())["log"]
-    if not log:
-        return None
-    steps = [e["step"] for e in log]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig, axes, log, steps = opened
     axes[0].plot(steps, [e["loss"] for e in log], lw=1)
     axes[0].set_xlabel("step"), axes[0].set_title("MedSAM-like stand-in: loss (BCE + Dice + IoU MSE)")
     rounds = np.array([e["train_dice_per_round"] for e in log])
@@ -679,11 +652,7 @@ def plot_log(out_dir) -> Path | None:
         axes[1].plot(steps, rounds[:, r], lw=1, label=label)
     axes[1].set_ylim(0, 1), axes[1].set_xlabel("step"), axes[1].legend(fontsize=8)
     axes[1].set_title("training Dice per prompt round")
-    fig.tight_layout()
-    path = out / "medsam_curves.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_curves(fig, Path(out_dir) / "medsam_curves.png")
 
 
 def write_report(out_dir, results: dict) -> Path:
