@@ -56,7 +56,6 @@ import concurrent.futures
 import dataclasses
 import json
 import math
-import os
 import string
 import time
 import warnings
@@ -78,7 +77,7 @@ from training.data import (
     MIRRORED, REPO, STRUCTURES, TRAIN_DIR, VAL_DIR, CTCase, SliceSample, SliceSampler, augment_window, cut_slice,
     load_cases,
 )
-from training.standins.curves import open_curves, save_curves
+from training.standins.runfiles import open_curves, save_atomic, save_curves, write_json
 
 VOCAB_PATH = Path(__file__).with_name("vocab.txt")
 
@@ -860,14 +859,6 @@ def _param_groups(model: torch.nn.Module, weight_decay: float):
             {"params": pos, "weight_decay": 0.0, "lr_mult": POS_EMBED_LR}]
 
 
-def _save_atomic(obj, path: Path, saver) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    saver(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, data) -> None:
-    _save_atomic(data, path, lambda d, p: p.write_text(json.dumps(d, indent=1)))
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -922,9 +913,9 @@ def train(out_dir, steps: int, seed: int = 0, batch_size: int = 48, threads: int
     meta["steps"] = steps
 
     def save_checkpoint():
-        _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": torch.tensor(step),
-                      "meta": json.dumps(meta), "log": json.dumps(log)}, ckpt, torch.save)
-        _write_json(out / LOG_NAME, {"meta": meta, "log": log})
+        save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": torch.tensor(step),
+                     "meta": json.dumps(meta), "log": json.dumps(log)}, ckpt, torch.save)
+        write_json(out / LOG_NAME, {"meta": meta, "log": log})
 
     end = steps if stop_after is None else min(steps, stop_after)
     pool = concurrent.futures.ThreadPoolExecutor(1) if prefetch else None
@@ -990,8 +981,8 @@ def train(out_dir, steps: int, seed: int = 0, batch_size: int = 48, threads: int
 def save_trained(model: BiomedCLIP, out_dir, metadata: dict | None = None, vocab: "str | Path" = VOCAB_PATH) -> Path:
     out = Path(out_dir)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    _save_atomic(state, out / WEIGHTS_NAME, lambda s, p: save_file(s, str(p)))
-    _write_json(out / CONFIG_NAME, {"config": model.config.to_dict(), "training": metadata or {},
+    save_atomic(state, out / WEIGHTS_NAME, lambda s, p: save_file(s, str(p)))
+    write_json(out / CONFIG_NAME, {"config": model.config.to_dict(), "training": metadata or {},
                                     "description": "BiomedCLIP-like stand-in trained on OpenKBP head-and-neck CT "
                                                    "slices with generated captions; not for clinical use"})
     (out / VOCAB_NAME).write_text(Path(vocab).read_text())
@@ -1150,7 +1141,7 @@ def accuracy_table(result: dict) -> str:
 
 
 def _write_report(out: Path, result: dict) -> None:
-    _write_json(out / EVAL_NAME, {k: v for k, v in result.items() if k != "table"})
+    write_json(out / EVAL_NAME, {k: v for k, v in result.items() if k != "table"})
     (out / REPORT_NAME).write_text(
         f"# BiomedCLIP-like stand-in: zero-shot accuracy on OpenKBP validation-pats\n\n"
         f"{result['cases']} patients, {result['slices']} slices (every 2nd slice in each orientation, soft-tissue "

@@ -52,7 +52,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -68,7 +67,7 @@ from PRISMRTLib.imaging.intensity import Window
 from PRISMRTLib.models.dinov3 import DINOV3_PRESETS, DinoV3Config, build_dinov3, dinov3_features, dinov3_input
 from training.data import AIR_HU, STRUCTURES, CTCase, SliceSampler, augment_window, cut_slice, load_cases
 from training.data import REPO, TRAIN_DIR, VAL_DIR
-from training.standins.curves import open_curves, save_curves
+from training.standins.runfiles import open_curves, save_atomic, save_curves
 
 
 WEIGHTS_FILE = "dinov3_standin.safetensors"
@@ -533,11 +532,6 @@ def _run_signature(model_config: DinoV3Config, cfg: SSLConfig, seed: int, steps:
             "batch_size": batch_size}
 
 
-def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
 
 def train(out_dir: "str | Path", steps: int, seed: int = 0, batch_size: int = 16, threads: int = 1,
           resume: bool = True, *, cases: list[CTCase] | None = None, train_dir: "str | Path | None" = None,
@@ -596,9 +590,9 @@ def train(out_dir: "str | Path", steps: int, seed: int = 0, batch_size: int = 16
     t0 = time.time()
 
     def save(step: int) -> None:
-        _save_atomic({"signature": signature, "student": student.state_dict(), "teacher": teacher.state_dict(),
-                      "optimizer": optimizer.state_dict(), "centers": centers, "step": step,
-                      "log": json.dumps(log)}, ckpt_path)
+        save_atomic({"signature": signature, "student": student.state_dict(), "teacher": teacher.state_dict(),
+                     "optimizer": optimizer.state_dict(), "centers": centers, "step": step,
+                     "log": json.dumps(log)}, ckpt_path, torch.save)
         (out / LOG_FILE).write_text(json.dumps({"signature": signature, "log": log}, indent=1))
 
     step = start

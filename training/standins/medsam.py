@@ -42,7 +42,6 @@ import functools
 from fractions import Fraction
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -59,7 +58,7 @@ from PRISMRTLib.imaging.intensity import Window
 from PRISMRTLib.models.medsam import MEDSAM_PRESETS, MedSAMConfig, build_medsam, medsam_input
 from training.data import STRUCTURES, CTCase, SliceSampler, augment_window, cut_slice, load_cases
 from training.data import TRAIN_DIR, VAL_DIR
-from training.standins.curves import open_curves, save_curves
+from training.standins.runfiles import open_curves, save_atomic, save_curves, write_json
 
 
 WEIGHTS_NAME = "medsam_standin.safetensors"
@@ -378,14 +377,6 @@ def train_step(model: Sam, images: np.ndarray, masks: np.ndarray, owners: np.nda
     return total / s.iterations, stats
 
 
-def _save_atomic(obj, path: Path, saver) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    saver(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, data) -> None:
-    _save_atomic(data, path, lambda d, p: p.write_text(json.dumps(d, indent=1)))
 
 
 def _resolve_config(config) -> MedSAMConfig:
@@ -451,10 +442,10 @@ def train(out_dir, steps: int, seed: int = 0, batch_size: int = 8, threads: int 
             print(f"resumed from step {start} ({ckpt_path})", flush=True)
 
     def checkpoint(step: int) -> None:
-        _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                      "scheduler": scheduler.state_dict(), "step": step, "settings": asdict(settings),
-                      "log": json.dumps(log)}, ckpt_path, torch.save)
-        _write_json(out / LOG_NAME, {"settings": asdict(settings), "log": log})
+        save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "step": step, "settings": asdict(settings),
+                     "log": json.dumps(log)}, ckpt_path, torch.save)
+        write_json(out / LOG_NAME, {"settings": asdict(settings), "log": log})
 
     sampler = SliceSampler(cases, seed=settings.seed, size=cfg.img_size,
                            orientations=_orientations(settings.axial_share))
@@ -495,7 +486,7 @@ def train(out_dir, steps: int, seed: int = 0, batch_size: int = 8, threads: int 
             checkpoint(done)
     if end >= settings.steps:
         save_trained(model, cfg, out, metadata={"steps": str(settings.steps), "seed": str(settings.seed)})
-        _write_json(out / LOG_NAME, {"settings": asdict(settings), "log": log})
+        write_json(out / LOG_NAME, {"settings": asdict(settings), "log": log})
     return model.eval()
 
 
@@ -504,8 +495,8 @@ def save_trained(model: Sam, config: MedSAMConfig, out_dir, metadata: dict | Non
     out = Path(out_dir)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     meta = {"config": json.dumps(config.to_dict()), "format": "pt", **(metadata or {})}
-    _save_atomic(state, out / WEIGHTS_NAME, lambda s, p: save_file(s, str(p), metadata=meta))
-    _write_json(out / CONFIG_NAME, config.to_dict())
+    save_atomic(state, out / WEIGHTS_NAME, lambda s, p: save_file(s, str(p), metadata=meta))
+    write_json(out / CONFIG_NAME, config.to_dict())
     return out / WEIGHTS_NAME
 
 
@@ -703,7 +694,7 @@ def run_evaluation(out_dir, val_dir=VAL_DIR, limit: int | None = None, threads: 
         result = evaluate(model, cases, slice_choice=choice)
         result["eval_seconds"] = round(time.perf_counter() - t0, 1)
         name = "eval" if choice == "central" else f"eval_{choice}"
-        _write_json(out / f"{name}.json", result)
+        write_json(out / f"{name}.json", result)
         (out / f"{name}.md").write_text(f"Dice on each structure's {result['slice']}\n\n{result['markdown']}\n")
         results[choice] = result
     write_report(out, results)

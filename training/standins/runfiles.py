@@ -1,9 +1,21 @@
-"""Training-curve figures of the stand-in runs: the matplotlib set-up and saving they share."""
+"""Files of a stand-in training run that the three trainers write alike: atomic writes, JSON, training curves."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+
+def save_atomic(obj, path: Path, saver) -> None:
+    """``saver(obj, tmp)`` then rename over ``path``: an interrupted run never leaves a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    saver(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data) -> None:
+    save_atomic(data, path, lambda d, p: p.write_text(json.dumps(d, indent=1)))
 
 
 def open_curves(log_path: "str | Path", figsize=(10, 3.5)):
