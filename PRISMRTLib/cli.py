@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="slices the prompts are on (default axial)")
     p.add_argument("--window", default="head-and-neck", help="CT window preset the model sees (default head-and-neck)")
     p.add_argument("--propagate", action="store_true", help="propagate the mask into 3D")
+    p.add_argument("--no-cross-views", dest="cross_views", action="store_false",
+                   help="propagate without the orthogonal views that bound how far the structure reaches")
     p.add_argument("--backend", choices=("prismrt", "teachers"), default="prismrt")
     p.add_argument("--model", help="model name from 'prismrt models list', or a bundle folder")
     p.add_argument("--out", required=True, type=Path, help="output mask (.nii.gz, .nii, .nrrd, .mha)")
@@ -110,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prismrt-model", help="model for the prismrt backend (name or bundle folder)")
     p.add_argument("--teachers-model", help="model for the teachers backend (name or bundle folder)")
     p.add_argument("--clicks", type=int, default=3, help="clicks per case (default 3)")
+    p.add_argument("--no-cross-views", dest="cross_views", action="store_false",
+                   help="propagate without the orthogonal views that bound how far the structure reaches")
     p.add_argument("--limit", type=int, help="evaluate only the first N cases")
     p.add_argument("--window", default="head-and-neck")
     p.add_argument("--out", required=True, type=Path, help="output folder for results.json and results.md")
@@ -276,7 +280,7 @@ def cmd_segment(args) -> int:
     for p in negatives:
         results.append(session.add_point(p, positive=False))
     if args.propagate:
-        session.propagate()
+        session.propagate(cross_views=args.cross_views)
     mask = session.result()
     write_image(mask, args.out, overwrite=args.overwrite)
     import numpy as np
@@ -324,7 +328,8 @@ def cmd_eval_seg(args) -> int:
                 if not reference.any():
                     continue
                 results += evaluate_case(backend, image, reference, case=case, structure=structure,
-                                         max_clicks=args.clicks, window=args.window)
+                                         max_clicks=args.clicks, window=args.window,
+                                         cross_views=args.cross_views)
                 last = results[-1]
                 print(f"{name} {structure} {case}: DSC {last.dice:.3f} after {last.clicks} clicks", file=sys.stderr)
         timing[name] = time.perf_counter() - start

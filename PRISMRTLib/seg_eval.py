@@ -3,7 +3,8 @@
 Protocol (per case and structure):
 
 1. The first click is a positive point at the voxel of the structure farthest from its boundary (in mm), on that
-   voxel's slice of the chosen orientation; the mask is propagated into 3D.
+   voxel's slice of the chosen orientation; the mask is propagated into 3D (bounded by the orthogonal views through
+   the clicked slice's mask unless ``cross_views`` is off).
 2. Each further click goes to the largest 3D error region (missed voxels: positive click; extra voxels: negative),
    at its voxel farthest from the region's boundary; that slice is corrected and propagation is re-run from it.
 3. After every click: Dice, IoU and HD95 (mm, true spacing) of the 3D mask against the reference.
@@ -56,7 +57,7 @@ def _largest_component(mask: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def simulate_clicks(session: SegmentationSession, reference: np.ndarray, max_clicks: int = 3,
-                    propagate: bool = True) -> list[tuple[float, float, float]]:
+                    propagate: bool = True, cross_views: bool = True) -> list[tuple[float, float, float]]:
     """Run the click protocol on a fresh session; returns (dice, iou, hd95) after each click."""
     reference = np.asarray(reference, bool)
     if not reference.any():
@@ -80,20 +81,21 @@ def simulate_clicks(session: SegmentationSession, reference: np.ndarray, max_cli
         result = session.add_point(point, positive=positive)
         if propagate:
             if result.mask.any():
-                session.propagate(from_index=result.index)
+                session.propagate(from_index=result.index, cross_views=cross_views)
             elif session.mask.any():  # the click emptied its slice: the structure ends there
-                session.propagate()
+                session.propagate(cross_views=cross_views)
         mask = session.mask.astype(bool)
         scores.append((dice(mask, reference), iou(mask, reference), hd95(mask, reference, spacing)))
     return scores
 
 
 def evaluate_case(backend, image: sitk.Image, reference: np.ndarray, *, case: str, structure: str,
-                  max_clicks: int = 3, orientation: str = "axial", window: str = "head-and-neck") -> list[ClickResult]:
+                  max_clicks: int = 3, orientation: str = "axial", window: str = "head-and-neck",
+                  cross_views: bool = True) -> list[ClickResult]:
     session = SegmentationSession(backend, image, orientation, window=window)
     return [
         ClickResult(case, structure, backend.name, n + 1, d, j, h)
-        for n, (d, j, h) in enumerate(simulate_clicks(session, reference, max_clicks))
+        for n, (d, j, h) in enumerate(simulate_clicks(session, reference, max_clicks, cross_views=cross_views))
     ]
 
 

@@ -7,7 +7,8 @@ A :class:`SegmentationSession` holds one volume, one slice orientation and one s
 - points are LPS millimetres, mapped exactly to the slice pixel grid (:class:`SlicePlane`) and into the model grid
   (:class:`Letterbox`); masks come back the same way and are written into the volume grid;
 - :meth:`propagate` grows the mask slice by slice in both directions, each slice prompted by its neighbour's mask
-  (box, interior point and mask logits), and stops where predicted quality or area says the structure ended;
+  (box, interior point and mask logits), within the extent the two orthogonal views through the seed show, and
+  stops earlier where predicted quality or area says the structure ended;
 - every interaction can be undone and redone.
 """
 
@@ -23,7 +24,7 @@ import torch
 
 from .errors import GeometryError, PrismRTError
 from .features import FeatureBackend, SliceFeatures
-from .imaging import Geometry, SlicePlane, Window, check_volume, get_window
+from .imaging import Geometry, Orientation, SlicePlane, Window, check_volume, get_window
 
 
 @dataclass
@@ -79,6 +80,29 @@ def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     return int(rows[0]), int(cols[0]), int(rows[-1]), int(cols[-1])
 
 
+def _component_at(mask: np.ndarray, pixel) -> np.ndarray:
+    """The 8-connected component of a 2D mask containing ``pixel`` (row, col), or the largest when none does."""
+    if not mask.any():
+        return mask
+    labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)), True))
+    label = labels[int(pixel[0]), int(pixel[1])]
+    if label == 0:
+        counts = np.bincount(labels.ravel())
+        counts[0] = 0
+        label = int(np.argmax(counts))
+    return labels == label
+
+
+@dataclass
+class CrossViewGuide:
+    """A structure as seen in the two planes orthogonal to the session's, through its seed mask's most interior
+    point: the range of the session's slices it spans, where propagation stops."""
+
+    first: int  # first and last slice of the session's orientation that the orthogonal masks reach
+    last: int
+    views: list  # per orthogonal plane: its mask in the volume grid, (k, j, i) bool
+
+
 MASK_PROMPT_LOGIT = 8.0  # a propagated mask prompt: +-8 logits, the middle of the stand-in's training range (4-12)
 
 
@@ -95,7 +119,7 @@ class SegmentationSession:
         self.plane = SlicePlane.create(self.geometry, orientation)
         self.window = get_window(window) if isinstance(window, str) else window
         self._hu = sitk.GetArrayViewFromImage(image)
-        self._cache: OrderedDict[int, SliceFeatures] = OrderedDict()
+        self._cache: OrderedDict[tuple, SliceFeatures] = OrderedDict()  # (orientation, index)
         self._cache_size = max(1, int(cache_slices))
         self._lock = threading.Lock()
         self.mask = np.zeros(self.geometry.shape, np.uint8)  # the 3D result, (k, j, i)
@@ -106,16 +130,18 @@ class SegmentationSession:
         self._redo: list[_Step] = []
 
     # ---- features ------------------------------------------------------------------------------------------------
-    def features(self, index: int) -> SliceFeatures:
-        index = self.plane.check_slice_index(index)
+    def features(self, index: int, plane: SlicePlane | None = None) -> SliceFeatures:
+        """Features of slice ``index`` of ``plane`` (default: the session's orientation), cached."""
+        plane = plane or self.plane
+        key = (plane.orientation, plane.check_slice_index(index))
         with self._lock:
-            if index in self._cache:
-                self._cache.move_to_end(index)
-                return self._cache[index]
-        slice01 = self.window.apply(self.plane.extract(self._hu, index))
-        features = self.backend.encode(slice01, self.plane.pixel_spacing, sam_only=True)
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        slice01 = self.window.apply(plane.extract(self._hu, key[1]))
+        features = self.backend.encode(slice01, plane.pixel_spacing, sam_only=True)
         with self._lock:
-            self._cache[index] = features
+            self._cache[key] = features
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return features
@@ -124,7 +150,7 @@ class SegmentationSession:
         """Compute features of the slices around ``index`` (nearest first) that are not cached yet."""
         for offset in sorted(range(-radius, radius + 1), key=abs):
             i = index + offset
-            if 0 <= i < self.plane.num_slices and i not in self._cache:
+            if 0 <= i < self.plane.num_slices and (self.plane.orientation, i) not in self._cache:
                 self.features(i)
 
     # ---- prompts -> mask -----------------------------------------------------------------------------------------
@@ -132,8 +158,9 @@ class SegmentationSession:
         return self.plane.locate(point_lps)
 
     @torch.inference_mode()
-    def _predict(self, index: int, prompts: SlicePrompts, mask_logits: np.ndarray | None):
-        features = self.features(index)
+    def _predict(self, index: int, prompts: SlicePrompts, mask_logits: np.ndarray | None,
+                 plane: SlicePlane | None = None):
+        features = self.features(index, plane)
         box = features.letterbox
         be = self.backend
         device = be.device
@@ -239,12 +266,45 @@ class SegmentationSession:
         self._update_slice(self.plane.check_slice_index(index), SlicePrompts(), "clear slice")
 
     # ---- propagation ---------------------------------------------------------------------------------------------
+    def cross_view_guide(self, index: int, mask: np.ndarray, points_per_view: int = 3) -> CrossViewGuide | None:
+        """Segment the structure in the two planes orthogonal to this session's, through the most interior point of
+        ``mask`` (on slice ``index``), each prompted by ``points_per_view`` positive points spread along the line
+        where ``mask`` crosses that plane. A 2D model sees where a structure ends in those views, which it cannot
+        tell from one slice to the next along the propagation axis. None for an empty mask."""
+        centre = interior_point(mask)
+        if centre is None:
+            return None
+        seed = np.zeros(self.geometry.shape, bool)
+        self.plane.insert(seed, index, mask)
+        voxel = self.plane.slice_coords_to_index([index, *centre])
+        views = []
+        for orientation in Orientation:
+            if orientation == self.plane.orientation:
+                continue
+            plane = SlicePlane.create(self.geometry, orientation)
+            slice_index, row, col = (int(round(v)) for v in plane.index_to_slice_coords(voxel))
+            line = np.argwhere(_component_at(plane.extract(seed, slice_index), (row, col)))
+            picks = np.linspace(0, len(line) - 1, points_per_view + 2)[1:-1].round().astype(int)
+            prompts = SlicePrompts([tuple(float(v) for v in line[p]) for p in picks], [1] * len(picks))
+            view_mask, _, _ = self._predict(slice_index, prompts, None, plane)
+            view = np.zeros(self.geometry.shape, bool)
+            plane.insert(view, slice_index, _component_at(view_mask, (row, col)))
+            views.append(view)
+        spanned = np.flatnonzero(self.plane.stack_view(views[0] | views[1]).any(axis=(1, 2)))
+        first, last = (int(spanned[0]), int(spanned[-1])) if len(spanned) else (index, index)
+        return CrossViewGuide(min(first, index), max(last, index), views)
+
     def propagate(self, from_index: int | None = None, *, min_score: float = 0.5, min_area_mm2: float = 20.0,
-                  min_overlap: float = 0.2, max_slices: int | None = None, progress=None) -> sitk.Image:
+                  min_overlap: float = 0.2, max_slices: int | None = None, cross_views: bool = True,
+                  cross_view_margin_mm: float = 5.0, progress=None) -> sitk.Image:
         """Grow the mask from a drawn slice outward in both directions until the structure ends.
 
         Each new slice is prompted with its neighbour's box, the neighbour's most interior point and its mask (as
         +-MASK_PROMPT_LOGIT logits).
+        With ``cross_views`` the structure is first segmented in the two orthogonal planes through the seed
+        (:meth:`cross_view_guide`) and propagation goes no further than the slices they reach plus
+        ``cross_view_margin_mm``: the 2D model sees a structure's ends there, but not from one slice to the next (the
+        stand-in's masks otherwise run on along the neck: PTV70 3D Dice 0.47 -> 0.67 from a perfect seed slice).
         Propagation stops at a slice whose predicted IoU is below ``min_score``, whose area is below ``min_area_mm2``,
         whose overlap (Dice) with the neighbour is below ``min_overlap``, or at a slice drawn with clicks (which
         the user owns; a slice the user emptied ends the structure there, and what was propagated beyond it is
@@ -261,6 +321,8 @@ class SegmentationSession:
         if not seed_mask.any():
             raise PrismRTError(f"slice {from_index} has no mask to propagate from: click on the structure there first")
         limit = self.plane.num_slices if max_slices is None else int(max_slices)
+        guide = self.cross_view_guide(from_index, seed_mask) if cross_views else None
+        margin = int(np.ceil(cross_view_margin_mm / self.plane.slice_thickness - 1e-6))
         # slices that will change: every propagated slice (they are recomputed) and whatever we reach
         step = _Step("propagate", {})
         for direction in (+1, -1):
@@ -270,6 +332,8 @@ class SegmentationSession:
                     # a drawn slice is the user's and so is what was propagated beyond it; an erased one ends the
                     # structure, so what was propagated through it is cleared below
                     index = index + direction if not self.plane.extract(self.mask, index).any() else -1
+                    break
+                if guide is not None and not guide.first - margin <= index <= guide.last + margin:
                     break
                 if index not in step.before:
                     step.before[index] = self._state(index)

@@ -58,6 +58,13 @@ MEDSAM_PRESETS = {
         encoder_global_attn_indexes=(1, 3), window_size=8, prompt_embed_dim=128, decoder_mlp_dim=512,
         decoder_num_heads=4, mask_in_chans=16,
     ),
+    # the same at patch 4: a 32 x 32 embedding grid and 128 px low-res masks (fine-tuned from "standin", see
+    # training/standins/medsam.py adapt_state_dict); boundaries at one 3.9 mm pixel instead of two
+    "standin_hr": MedSAMConfig(
+        img_size=128, patch_size=4, encoder_embed_dim=128, encoder_depth=4, encoder_num_heads=4,
+        encoder_global_attn_indexes=(1, 3), window_size=8, prompt_embed_dim=128, decoder_mlp_dim=512,
+        decoder_num_heads=4, mask_in_chans=16,
+    ),
     # same architecture, small enough for unit tests
     "tiny": MedSAMConfig(
         img_size=128, encoder_embed_dim=48, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=(1,),

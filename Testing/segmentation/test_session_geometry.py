@@ -15,7 +15,7 @@ import torch
 from PRISMRTLib.errors import GeometryError, PrismRTError
 from PRISMRTLib.features import FeatureBackend, SliceFeatures
 from PRISMRTLib.imaging import Geometry, Letterbox
-from PRISMRTLib.segmentation import SegmentationSession, interior_point
+from PRISMRTLib.segmentation import CrossViewGuide, SegmentationSession, interior_point
 from prismrt_testing import SAMPLE_DIR
 
 MODEL_SIZE = 128
@@ -131,7 +131,7 @@ def test_propagation_rebuilds_the_target_in_3d(phantom, orientation):
     plane = session.plane
     index, stack, point = _largest_slice(session, ptv)
     session.add_point(point)
-    result = session.propagate(min_area_mm2=1.0, min_overlap=0.0)
+    result = session.propagate(min_area_mm2=1.0, min_overlap=0.0, cross_views=False)
     out = sitk.GetArrayFromImage(result).astype(bool)
     geometry_ok = Geometry.from_image(result)
     np.testing.assert_allclose(geometry_ok.index_to_physical_matrix, Geometry.from_image(image).index_to_physical_matrix)
@@ -151,7 +151,7 @@ def test_undo_redo_and_corrections(phantom):
     index, stack, point = _largest_slice(session, ptv)
     session.add_point(point)
     one_slice = session.mask.copy()
-    session.propagate(min_area_mm2=1.0, min_overlap=0.0)
+    session.propagate(min_area_mm2=1.0, min_overlap=0.0, cross_views=False)
     full = session.mask.copy()
     assert full.sum() > one_slice.sum()
     assert session.undo() == "propagate"
@@ -172,12 +172,62 @@ def test_undo_redo_and_corrections(phantom):
         session.undo()
 
 
+def _component(mask, pixel):
+    labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)), True))
+    return labels == labels[pixel]
+
+
+@pytest.mark.parametrize("orientation", ["axial", "coronal", "sagittal"])
+def test_cross_views_cut_the_target_through_the_seed(phantom, orientation):
+    """The two orthogonal views pass through the seed's most interior voxel and land in the volume where the target
+    is; the slice range they span is the target's along those two planes (a flipped axis would cut elsewhere)."""
+    image, ptv = phantom
+    session = SegmentationSession(OracleBackend(), image, orientation, window="soft-tissue")
+    plane = session.plane
+    index, stack, point = _largest_slice(session, ptv)
+    guide = session.cross_view_guide(index, stack[index])
+    i, j, k = (int(v) for v in plane.slice_coords_to_index([index, *interior_point(stack[index])]))
+    expected = []
+    for view in guide.views:
+        assert view[k, j, i]  # through the seed's interior voxel
+        # one plane: constant along exactly one index axis, at the seed's voxel there
+        axes = [a for a, v in zip((2, 1, 0), (i, j, k)) if np.array_equal(np.flatnonzero(view.any(
+            axis=tuple(b for b in range(3) if b != a))), [v])]
+        assert len(axes) == 1
+        cut = tuple(slice(None) if b != axes[0] else (k, j, i)[b] for b in range(3))
+        truth = np.zeros_like(ptv)
+        truth[cut] = _component(ptv[cut], tuple(v for b, v in enumerate((k, j, i)) if b != axes[0]))
+        assert truth.sum() > 50 and _dice(view, truth) > 0.95  # (the model grid's resampling blurs the edges)
+        expected.append(truth)
+    spanned = np.flatnonzero(plane.stack_view(expected[0] | expected[1]).any(axis=(1, 2)))
+    assert (guide.first, guide.last) == (spanned[0], spanned[-1])
+    assert guide.first <= index <= guide.last
+
+
+class _FixedGuide(SegmentationSession):
+    def cross_view_guide(self, index, mask, points_per_view=3):
+        return CrossViewGuide(index - 3, index + 4, [])
+
+
+@pytest.mark.parametrize("margin_mm, extra", [(0.0, 0), (5.0, 2), (6.0, 3)])
+def test_propagation_stops_where_the_cross_views_end(phantom, margin_mm, extra):
+    """Past the orthogonal views' range plus the margin (in mm, whole slices: 2.5 mm here) nothing is propagated,
+    even where the model would go on (the oracle finds the target on every slice)."""
+    image, ptv = phantom
+    session = _FixedGuide(OracleBackend(), image, "axial", window="soft-tissue")
+    index, stack, point = _largest_slice(session, ptv)
+    session.add_point(point)
+    session.propagate(min_area_mm2=1.0, min_overlap=0.0, cross_view_margin_mm=margin_mm)
+    filled = np.flatnonzero(session.plane.stack_view(session.mask.astype(bool)).any(axis=(1, 2)))
+    assert (filled[0], filled[-1]) == (index - 3 - extra, index + 4 + extra)
+
+
 def test_features_are_cached_and_bounded(phantom):
     image, _ = phantom
     backend = OracleBackend()
     session = SegmentationSession(backend, image, "axial", cache_slices=3)
     session.prefetch(60, radius=2)
-    assert backend.calls == 5 and list(session._cache) == [61, 58, 62]  # nearest first, oldest evicted
+    assert backend.calls == 5 and [i for _, i in session._cache] == [61, 58, 62]  # nearest first, oldest evicted
     session.features(62)
     assert backend.calls == 5  # from the cache
 
@@ -202,12 +252,12 @@ def test_an_erased_slice_ends_the_propagation_there(phantom):
     plane = session.plane
     index, stack, point = _largest_slice(session, ptv)
     session.add_point(point)
-    session.propagate(min_area_mm2=1.0, min_overlap=0.0)
+    session.propagate(min_area_mm2=1.0, min_overlap=0.0, cross_views=False)
     full = plane.stack_view(session.mask.astype(bool)).any(axis=(1, 2))
     cut = index + 3
     assert full[cut + 1:].any() and full[:index].any()
     session.clear_slice(cut)
-    session.propagate(min_area_mm2=1.0, min_overlap=0.0)
+    session.propagate(min_area_mm2=1.0, min_overlap=0.0, cross_views=False)
     now = plane.stack_view(session.mask.astype(bool)).any(axis=(1, 2))
     assert not now[cut:].any()  # the erased slice and everything beyond it
     np.testing.assert_array_equal(now[:cut], full[:cut])  # the seed's side is unchanged

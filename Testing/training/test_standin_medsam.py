@@ -341,3 +341,51 @@ def test_last_slice_follows_mirrored_structure_names(cases):
         assert last.mirrored and "RightParotid" in last.visible(M.MIN_PIXELS)
         beyond = sampler.neighbour(last, step)
         assert beyond is None or "RightParotid" not in beyond.visible(M.MIN_PIXELS)
+
+
+def test_focus_structures_are_shown_and_prompted_first(cases):
+    """focus_share=1: every image shows a focus structure and prompts it first, also in propagation and end
+    samples; without focus the samples are exactly those of a run that never heard of it."""
+    from training.data import SliceSampler
+
+    sampler = SliceSampler(cases, seed=0, size=48, orientations=("axial",), structure_bias=0.0)
+    unfocused_first = 0
+    for n in range(40):
+        _, masks, _, sources = M._sample(sampler, 0, n, 2, p_propagate=0.5, end_share=0.5,
+                                         focus=("PTV70",), focus_share=1.0)
+        plain = M._sample(sampler, 0, n, 2, p_propagate=0.5, end_share=0.5)
+        again = M._sample(sampler, 0, n, 2, p_propagate=0.5, end_share=0.5, focus=(), focus_share=1.0)
+        for a, b in zip(plain[1], again[1]):
+            np.testing.assert_array_equal(a, b)
+        # the first object is the PTV (the synthetic PTV is the round one; the mandible a 6-row block)
+        first = sources[0] if sources[0] is not None else masks[0]
+        rows = np.flatnonzero(first.any(axis=1))
+        unfocused_first += len(rows) and rows[-1] - rows[0] + 1 <= 7
+    assert unfocused_first == 0
+    with pytest.raises(ValueError, match="unknown structure"):
+        M.train("unused", steps=1, cases=cases, focus=("Tumour",), **FAST)
+
+
+def test_weights_move_to_a_finer_patch_grid_exactly(tmp_path):
+    """adapt_state_dict: at patch 4 the first layer sees on a slice what the patch-8 model saw on the slice
+    upsampled twice; the rest of the network is carried over unchanged and the model runs on the finer grid."""
+    import torch.nn.functional as F
+
+    from PRISMRTLib.models.medsam import medsam_input
+
+    torch.manual_seed(0)
+    coarse = build_medsam(MEDSAM_PRESETS["standin"])
+    fine = build_medsam(MEDSAM_PRESETS["standin_hr"])
+    fine.load_state_dict(M.adapt_state_dict(coarse.state_dict(), fine), strict=True)
+    x = torch.rand(1, 128, 128)
+    with torch.no_grad():
+        tokens = fine.image_encoder.patch_embed(medsam_input(x))
+        up = F.interpolate(x[None], scale_factor=2, mode="nearest")[0]
+        w = coarse.image_encoder.patch_embed.proj
+        expected = F.conv2d(medsam_input(up), w.weight, w.bias, stride=8).permute(0, 2, 3, 1)
+        torch.testing.assert_close(tokens, expected, atol=1e-5, rtol=1e-5)
+        assert fine.image_encoder(medsam_input(x)).shape == (1, 128, 32, 32)
+    assert torch.equal(fine.mask_decoder.iou_token.weight, coarse.mask_decoder.iou_token.weight)
+    other = build_medsam(MEDSAM_PRESETS["tiny"])
+    with pytest.raises(ValueError, match="only the patch size"):
+        M.adapt_state_dict(coarse.state_dict(), other)

@@ -222,6 +222,8 @@ class TrainSettings:
     p_propagate: float = 0.0  # chance that a slice is prompted as propagation does, from its neighbour's masks
     end_share: float = 0.0  # of those, the share stepping out of a structure's last slice (the target is empty)
     init_from: str = ""  # a finished run whose weights start this one (fine-tuning); "" = random initialisation
+    focus: tuple[str, ...] = ()  # structures drawn more often (the product's own: the targets), "" = none
+    focus_share: float = 0.0  # share of images that show one of them and prompt it first
     iou_weight: float = 1.0
     clip: float = 1.0
     train_cases: str = ""
@@ -244,7 +246,7 @@ def _lr_factor(step: int, s: TrainSettings) -> float:
 
 
 def _sample(sampler: SliceSampler, seed: int, n: int, prompts: int = 1, p_propagate: float = 0.0,
-            end_share: float = 0.0):
+            end_share: float = 0.0, focus: tuple[str, ...] = (), focus_share: float = 0.0):
     """Image ``n`` of a run: the windowed slice (S, S), ``prompts`` masks of structures visible in it (distinct while
     there are enough), one generator per mask (window, prompts, clicks), and per mask the mask it is prompted from
     (None: prompted by clicks or a box as SAM is); depends only on (seed, n).
@@ -255,29 +257,41 @@ def _sample(sampler: SliceSampler, seed: int, n: int, prompts: int = 1, p_propag
     those the sampled slice is moved to the last slice of one of its structures and the step goes outward, where the
     target is empty: the model must learn that the structure has ended (brainstem into spinal cord, say), or
     propagation never stops.
+
+    In ``focus_share`` of the images (drawn only when ``focus`` is given, so other runs are unchanged) the slice
+    shows one of the ``focus`` structures and that one is prompted first: the targets, which the product delineates,
+    are rarer and harder than the organs.
     """
     rng = np.random.default_rng([seed, 0x5A4D, n])
-    for attempt in range(64):
+    wanted = bool(focus) and rng.random() < focus_share
+    for attempt in range(64 if not wanted else 256):
         s = sampler.sample(n + (attempt << 40))
         visible = s.visible(MIN_PIXELS)
+        focused = [v for v in visible if v in focus]
+        if wanted and not focused:
+            continue
         if visible:
             target, first = s, None
             if p_propagate > 0 and rng.random() < p_propagate:
                 step = 1 if rng.random() < 0.5 else -1
                 if end_share > 0 and rng.random() < end_share:
-                    first = visible[int(rng.integers(len(visible)))]
+                    pool = focused if wanted else visible
+                    first = pool[int(rng.integers(len(pool)))]
                     s = sampler.last_slice(s, first, step, MIN_PIXELS)
                     visible = s.visible(MIN_PIXELS)
                 target = sampler.neighbour(s, step) or sampler.neighbour(s, -step)
             image = augment_window(target.hu, rng)
             order = list(rng.permutation(len(visible)))
             chosen = [visible[order[p % len(order)]] for p in range(prompts)]
+            if wanted and first is None:
+                first = focused[int(rng.integers(len(focused)))]
             if first is not None and first in visible:
                 chosen[0] = first
             rngs = [np.random.default_rng([seed, 0x5A4D, n, p + 1]) for p in range(prompts)]
             sources = [s.mask(c) if target is not s else None for c in chosen]
             return image, [target.mask(c) for c in chosen], rngs, sources
-    raise RuntimeError("no slice with a visible structure in 64 draws: are the structure masks empty?")
+    raise RuntimeError(f"no slice showing {'one of ' + ', '.join(focus) if wanted else 'a structure'} in "
+                       f"{attempt + 1} draws: are the structure masks empty?")
 
 
 def mask_prompt(mask: np.ndarray, size: int, scale: float = 8.0) -> torch.Tensor:
@@ -379,6 +393,31 @@ def train_step(model: Sam, images: np.ndarray, masks: np.ndarray, owners: np.nda
 
 
 
+def adapt_state_dict(state: dict, model: Sam) -> dict:
+    """A trained Sam's weights for ``model`` with another patch size (same widths and depths): the patch embedding
+    kernel is area-resized and scaled so a new patch sees what an old one saw on a proportionally upsampled image
+    (FlexiViT's observation), the absolute position embedding is resampled to the new grid, and the global
+    attention layers' relative position tables are resampled to the new range. Windowed layers keep theirs."""
+    target = model.state_dict()
+    out = {}
+    for key, value in state.items():
+        want = target[key].shape
+        if value.shape == want:
+            out[key] = value
+        elif key.endswith("patch_embed.proj.weight"):  # (C, 3, p, p)
+            scale = (value.shape[-1] / want[-1]) ** 2
+            out[key] = F.interpolate(value.float(), size=want[-2:], mode="area") * scale
+        elif key.endswith("pos_embed"):  # (1, G, G, C)
+            out[key] = F.interpolate(value.permute(0, 3, 1, 2).float(), size=want[1:3], mode="bicubic",
+                                     align_corners=False).permute(0, 2, 3, 1)
+        elif ".rel_pos_" in key:  # (2G - 1, head_dim)
+            out[key] = F.interpolate(value.T[None].float(), size=want[0], mode="linear", align_corners=True)[0].T
+        else:
+            raise ValueError(f"cannot adapt {key} from {tuple(value.shape)} to {tuple(want)}: only the patch size "
+                             "may differ between the two configurations")
+    return out
+
+
 def _resolve_config(config) -> MedSAMConfig:
     if isinstance(config, MedSAMConfig):
         return config
@@ -391,7 +430,7 @@ def train(out_dir, steps: int, seed: int = 0, batch_size: int = 8, threads: int 
           train_dir=TRAIN_DIR, log_every: int = 10, ckpt_every: int = 100, *, config="standin", cases=None,
           limit: int | None = None, stop_at: int | None = None, lr: float = 5e-4, iterations: int = 4,
           p_box: float = 0.5, p_propagate: float = 0.25, end_share: float = 0.0, init_from=None,
-          prompts_per_image: int = 2, axial_share: float = 0.5, device: str = "cpu",
+          focus=(), focus_share: float = 0.0, prompts_per_image: int = 2, axial_share: float = 0.5, device: str = "cpu",
           verbose: bool = True) -> Sam:
     """Train the MedSAM-like stand-in; returns the model (weights also saved in ``out_dir``).
 
@@ -405,12 +444,18 @@ def train(out_dir, steps: int, seed: int = 0, batch_size: int = 8, threads: int 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = _resolve_config(config)
+    unknown = sorted(set(focus or ()) - set(STRUCTURES))
+    if unknown:
+        raise ValueError(f"focus: unknown structure(s) {', '.join(unknown)}; choose from {', '.join(STRUCTURES)}")
+    if focus and not 0 < focus_share <= 1:
+        raise ValueError(f"focus_share must be in (0, 1], got {focus_share}")
     if cases is None:
         cases = load_cases(train_dir, limit=limit)
     settings = TrainSettings(steps=int(steps), seed=int(seed), batch_size=int(batch_size), config=cfg.to_dict(),
                              lr=float(lr), iterations=int(iterations), p_box=float(p_box),
                              p_propagate=float(p_propagate), end_share=float(end_share),
-                             init_from=str(init_from or ""),
+                             init_from=str(init_from or ""), focus=tuple(focus or ()),
+                             focus_share=float(focus_share) if focus else 0.0,
                              prompts_per_image=int(prompts_per_image), axial_share=float(axial_share),
                              train_cases=",".join(c.name for c in cases))
     torch.manual_seed(settings.seed)
@@ -419,7 +464,7 @@ def train(out_dir, steps: int, seed: int = 0, batch_size: int = 8, threads: int 
         start_weights = Path(settings.init_from) / WEIGHTS_NAME
         if not start_weights.is_file():
             raise FileNotFoundError(f"--init-from {settings.init_from}: no {WEIGHTS_NAME} there; finish that run first")
-        model.load_state_dict(load_file(str(start_weights)), strict=True)
+        model.load_state_dict(adapt_state_dict(load_file(str(start_weights)), model), strict=True)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "pos" not in n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
@@ -454,7 +499,7 @@ def train(out_dir, steps: int, seed: int = 0, batch_size: int = 8, threads: int 
     for step in range(start, end):
         t = time.perf_counter()
         items = [_sample(sampler, settings.seed, step * settings.batch_size + i, settings.prompts_per_image,
-                         settings.p_propagate, settings.end_share)
+                         settings.p_propagate, settings.end_share, settings.focus, settings.focus_share)
                  for i in range(settings.batch_size)]
         images = np.stack([x[0] for x in items])
         masks = np.stack([m for x in items for m in x[1]])
@@ -723,6 +768,10 @@ def main(argv=None) -> None:
     t.add_argument("--end-share", type=float, default=0.0,
                    help="share of those stepping out of a structure's last slice (empty target)")
     t.add_argument("--init-from", default=None, help="start from this finished run's weights (fine-tuning)")
+    t.add_argument("--focus", action="append", default=[], choices=STRUCTURES, metavar="STRUCTURE",
+                   help="draw this structure more often (repeat for several; e.g. the targets PTV56/63/70)")
+    t.add_argument("--focus-share", type=float, default=0.4,
+                   help="share of images that show a --focus structure and prompt it first")
     t.add_argument("--config", default="standin", choices=sorted(MEDSAM_PRESETS))
     t.add_argument("--train-dir", default=str(TRAIN_DIR))
     t.add_argument("--limit", type=int, default=None, help="first N training patients only")
@@ -745,7 +794,7 @@ def main(argv=None) -> None:
               train_dir=a.train_dir, log_every=a.log_every, ckpt_every=a.ckpt_every, config=a.config, limit=a.limit,
               stop_at=a.stop_at, lr=a.lr, iterations=a.iterations, prompts_per_image=a.prompts_per_image,
               axial_share=a.axial_share, p_box=a.p_box, p_propagate=a.p_propagate, end_share=a.end_share,
-              init_from=a.init_from)
+              init_from=a.init_from, focus=tuple(a.focus), focus_share=a.focus_share)
         plot_log(a.out)
         if a.no_eval or (a.stop_at is not None and a.stop_at < a.steps):
             return
