@@ -241,10 +241,20 @@ class SegmentationSession:
         self._commit(step)
         return SliceResult(index, mask, score, self._area_mm2(mask))
 
+    def _user_prompts(self, index: int) -> SlicePrompts:
+        """What a new click on slice ``index`` adds to: the user's earlier prompts there. On a propagated slice the
+        propagation's own prompts (box and interior point) are dropped and its mask stays as the mask input, so a
+        negative click on a leak is not outvoted by a positive point at the same place (with the stand-in teachers
+        this raised 3D Dice after 3 clicks on 12 validation patients: LeftParotid 0.49 -> 0.57, SpinalCord
+        0.24 -> 0.29, Brainstem 0.54 -> 0.59; PTV70 0.456 -> 0.445, Larynx 0.578 -> 0.563)."""
+        if self._source.get(index) == "clicks" and index in self.prompts:
+            return self.prompts[index].copy()
+        return SlicePrompts()
+
     def add_point(self, point_lps, positive: bool = True) -> SliceResult:
         """A click at an LPS point (positive: include, negative: exclude); returns the slice's new mask."""
         index, row, col = self.locate(point_lps)
-        prompts = self.prompts[index].copy() if index in self.prompts else SlicePrompts()
+        prompts = self._user_prompts(index)
         prompts.points.append((row, col))
         prompts.labels.append(1 if positive else 0)
         return self._update_slice(index, prompts, "positive click" if positive else "negative click")
@@ -258,7 +268,7 @@ class SegmentationSession:
                 f"the box corners are on different {self.plane.orientation.value} slices ({ia} and {ib}): "
                 "draw the box on one slice"
             )
-        prompts = self.prompts[ia].copy() if ia in self.prompts else SlicePrompts()
+        prompts = self._user_prompts(ia)
         prompts.box = (min(ra, rb), min(ca, cb), max(ra, rb), max(ca, cb))
         return self._update_slice(ia, prompts, "box")
 
@@ -345,7 +355,7 @@ class SegmentationSession:
                 if score < min_score or area < min_area_mm2 or overlap < min_overlap:
                     break
                 self._write(index, mask, logits, "propagated")
-                self.prompts[index] = prompts  # a later click on this slice refines these prompts
+                self.prompts[index] = prompts  # what made this slice (a click here starts from its mask instead)
                 previous = mask
                 index += direction
                 done += 1

@@ -161,8 +161,12 @@ def test_undo_redo_and_corrections(phantom):
     # a click on a propagated slice makes it the user's; re-propagating from it keeps it
     other = index + 3
     r2, c2 = interior_point(stack[other])
+    assert session.prompts[other].box is not None  # propagation prompted it with a box and a point
     session.add_point(plane.slice_coords_to_point([other, r2, c2]), positive=True)
     assert session._source[other] == "clicks"
+    # the user's click replaces the propagation's prompts there (its mask is the mask input)
+    assert session.prompts[other].box is None and session.prompts[other].labels == [1]
+    np.testing.assert_allclose(session.prompts[other].points, [(r2, c2)])
     session.undo()
     assert session._source[other] == "propagated"
     session.undo()
