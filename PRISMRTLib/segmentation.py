@@ -100,7 +100,7 @@ class CrossViewGuide:
 
     first: int  # first and last slice of the session's orientation that the orthogonal masks reach
     last: int
-    views: list  # per orthogonal plane: its mask in the volume grid, (k, j, i) bool
+    views: list  # per orthogonal plane: (orientation, slice index, its 2D mask in that plane's display grid)
 
 
 MASK_PROMPT_LOGIT = 8.0  # a propagated mask prompt: +-8 logits, the middle of the stand-in's training range (4-12)
@@ -284,25 +284,31 @@ class SegmentationSession:
         centre = interior_point(mask)
         if centre is None:
             return None
-        seed = np.zeros(self.geometry.shape, bool)
-        self.plane.insert(seed, index, mask)
-        voxel = self.plane.slice_coords_to_index([index, *centre])
-        views = []
+        pixels = np.argwhere(mask)
+        seed_voxels = self.plane.slice_coords_to_index(np.column_stack([np.full(len(pixels), index), pixels]))
+        centre_voxel = self.plane.slice_coords_to_index([index, *centre])
+        views, reach = [], [index]
         for orientation in Orientation:
             if orientation == self.plane.orientation:
                 continue
             plane = SlicePlane.create(self.geometry, orientation)
-            slice_index, row, col = (int(round(v)) for v in plane.index_to_slice_coords(voxel))
-            line = np.argwhere(_component_at(plane.extract(seed, slice_index), (row, col)))
+            slice_index, row, col = (int(round(v)) for v in plane.index_to_slice_coords(centre_voxel))
+            seed = np.rint(plane.index_to_slice_coords(seed_voxels)).astype(int)
+            seed = seed[seed[:, 0] == slice_index]
+            cut = np.zeros(plane.slice_shape, bool)
+            cut[seed[:, 1], seed[:, 2]] = True
+            line = np.argwhere(_component_at(cut, (row, col)))
             picks = np.linspace(0, len(line) - 1, points_per_view + 2)[1:-1].round().astype(int)
             prompts = SlicePrompts([tuple(float(v) for v in line[p]) for p in picks], [1] * len(picks))
             view_mask, _, _ = self._predict(slice_index, prompts, None, plane)
-            view = np.zeros(self.geometry.shape, bool)
-            plane.insert(view, slice_index, _component_at(view_mask, (row, col)))
-            views.append(view)
-        spanned = np.flatnonzero(self.plane.stack_view(views[0] | views[1]).any(axis=(1, 2)))
-        first, last = (int(spanned[0]), int(spanned[-1])) if len(spanned) else (index, index)
-        return CrossViewGuide(min(first, index), max(last, index), views)
+            view_mask = _component_at(view_mask, (row, col))
+            views.append((orientation, slice_index, view_mask))
+            found = np.argwhere(view_mask)
+            if len(found):
+                voxels = plane.slice_coords_to_index(np.column_stack([np.full(len(found), slice_index), found]))
+                slices = np.rint(self.plane.index_to_slice_coords(voxels)[:, 0]).astype(int)
+                reach += [int(slices.min()), int(slices.max())]
+        return CrossViewGuide(min(reach), max(reach), views)
 
     def propagate(self, from_index: int | None = None, *, min_score: float = 0.5, min_area_mm2: float = 20.0,
                   min_overlap: float = 0.2, max_slices: int | None = None, cross_views: bool = True,

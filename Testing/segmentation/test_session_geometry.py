@@ -14,7 +14,7 @@ import torch
 
 from PRISMRTLib.errors import GeometryError, PrismRTError
 from PRISMRTLib.features import FeatureBackend, SliceFeatures
-from PRISMRTLib.imaging import Geometry, Letterbox
+from PRISMRTLib.imaging import Geometry, Letterbox, SlicePlane
 from PRISMRTLib.segmentation import CrossViewGuide, SegmentationSession, interior_point
 from prismrt_testing import SAMPLE_DIR
 
@@ -192,7 +192,10 @@ def test_cross_views_cut_the_target_through_the_seed(phantom, orientation):
     guide = session.cross_view_guide(index, stack[index])
     i, j, k = (int(v) for v in plane.slice_coords_to_index([index, *interior_point(stack[index])]))
     expected = []
-    for view in guide.views:
+    for orientation_v, slice_index, view_mask in guide.views:
+        view_plane = SlicePlane.create(session.geometry, orientation_v)
+        view = np.zeros_like(ptv)
+        view_plane.insert(view, slice_index, view_mask)
         assert view[k, j, i]  # through the seed's interior voxel
         # one plane: constant along exactly one index axis, at the seed's voxel there
         axes = [a for a, v in zip((2, 1, 0), (i, j, k)) if np.array_equal(np.flatnonzero(view.any(
