@@ -58,3 +58,22 @@ def test_segment_without_a_published_student(tmp_path, capsys, monkeypatch):
     code = main(["segment", str(CT), "--point", _voxel_point(64, 70, 60), "--out", str(tmp_path / "m.nii.gz")])
     assert code == 2
     assert "no model for the 'prismrt' backend is published yet" in capsys.readouterr().err
+
+
+def test_cross_views_can_be_turned_off(tiny_teachers, tmp_path, monkeypatch):
+    """--propagate bounds propagation by the orthogonal views unless --no-cross-views is given."""
+    from PRISMRTLib.segmentation import SegmentationSession
+
+    seen = []
+    original = SegmentationSession.propagate
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("cross_views"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SegmentationSession, "propagate", spy)
+    args = ["segment", str(CT), "--point", _voxel_point(64, 70, 60), "--backend", "teachers", "--model",
+            str(tiny_teachers), "--device", "cpu", "--propagate", "--overwrite", "--out", str(tmp_path / "m.nii.gz")]
+    assert main(args) == 0
+    assert main(args + ["--no-cross-views"]) == 0
+    assert seen == [True, False]
