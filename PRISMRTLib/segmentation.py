@@ -280,7 +280,8 @@ class SegmentationSession:
         """Segment the structure in the two planes orthogonal to this session's, through the most interior point of
         ``mask`` (on slice ``index``), each prompted by ``points_per_view`` positive points spread along the line
         where ``mask`` crosses that plane. A 2D model sees where a structure ends in those views, which it cannot
-        tell from one slice to the next along the propagation axis. None for an empty mask."""
+        tell from one slice to the next along the propagation axis. None for an empty mask, and when neither view
+        finds the structure (no evidence either way: propagation then relies on its other stop rules)."""
         centre = interior_point(mask)
         if centre is None:
             return None
@@ -308,6 +309,8 @@ class SegmentationSession:
                 voxels = plane.slice_coords_to_index(np.column_stack([np.full(len(found), slice_index), found]))
                 slices = np.rint(self.plane.index_to_slice_coords(voxels)[:, 0]).astype(int)
                 reach += [int(slices.min()), int(slices.max())]
+        if len(reach) == 1:
+            return None
         return CrossViewGuide(min(reach), max(reach), views)
 
     def propagate(self, from_index: int | None = None, *, min_score: float = 0.5, min_area_mm2: float = 20.0,

@@ -229,6 +229,25 @@ def test_propagation_stops_where_the_cross_views_end(phantom, margin_mm, extra):
     assert (filled[0], filled[-1]) == (index - 3 - extra, index + 4 + extra)
 
 
+class _BlindAcross(SegmentationSession):
+    """A model that finds nothing in the orthogonal views."""
+
+    def _predict(self, index, prompts, mask_logits, plane=None):
+        mask, score, logits = super()._predict(index, prompts, mask_logits, plane)
+        return (np.zeros_like(mask), 0.0, logits) if plane is not None else (mask, score, logits)
+
+
+def test_views_that_find_nothing_do_not_bound_propagation(phantom):
+    image, ptv = phantom
+    session = _BlindAcross(OracleBackend(), image, "axial", window="soft-tissue")
+    index, stack, point = _largest_slice(session, ptv)
+    session.add_point(point)
+    assert session.cross_view_guide(index, stack[index]) is None
+    session.propagate(min_area_mm2=1.0, min_overlap=0.0)
+    filled = session.plane.stack_view(session.mask.astype(bool)).any(axis=(1, 2))
+    np.testing.assert_array_equal(filled, stack.any(axis=(1, 2)))
+
+
 def test_features_are_cached_and_bounded(phantom):
     image, _ = phantom
     backend = OracleBackend()
