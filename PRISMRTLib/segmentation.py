@@ -84,13 +84,9 @@ def _component_at(mask: np.ndarray, pixel) -> np.ndarray:
     """The 8-connected component of a 2D mask containing ``pixel`` (row, col), or the largest when none does."""
     if not mask.any():
         return mask
-    labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)), True))
-    label = labels[int(pixel[0]), int(pixel[1])]
-    if label == 0:
-        counts = np.bincount(labels.ravel())
-        counts[0] = 0
-        label = int(np.argmax(counts))
-    return labels == label
+    labels = sitk.GetArrayFromImage(sitk.RelabelComponent(  # label 1: the largest
+        sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)), True)))
+    return labels == (labels[int(pixel[0]), int(pixel[1])] or 1)
 
 
 @dataclass
@@ -323,7 +319,7 @@ class SegmentationSession:
         With ``cross_views`` the structure is first segmented in the two orthogonal planes through the seed
         (:meth:`cross_view_guide`) and propagation goes no further than the slices they reach plus
         ``cross_view_margin_mm``: the 2D model sees a structure's ends there, but not from one slice to the next (the
-        stand-in's masks otherwise run on along the neck: PTV70 3D Dice 0.47 -> 0.67 from a perfect seed slice).
+        stand-in's masks otherwise run on along the neck: PTV70 3D Dice 0.47 -> 0.66 from a perfect seed slice).
         Propagation stops at a slice whose predicted IoU is below ``min_score``, whose area is below ``min_area_mm2``,
         whose overlap (Dice) with the neighbour is below ``min_overlap``, or at a slice drawn with clicks (which
         the user owns; a slice the user emptied ends the structure there, and what was propagated beyond it is
