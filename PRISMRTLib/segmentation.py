@@ -237,20 +237,26 @@ class SegmentationSession:
         self._commit(step)
         return SliceResult(index, mask, score, self._area_mm2(mask))
 
-    def _user_prompts(self, index: int) -> SlicePrompts:
-        """What a new click on slice ``index`` adds to: the user's earlier prompts there. On a propagated slice the
-        propagation's own prompts (box and interior point) are dropped and its mask stays as the mask input, so a
-        negative click on a leak is not outvoted by a positive point at the same place (with the stand-in teachers
-        this raised 3D Dice after 3 clicks on 12 validation patients: LeftParotid 0.49 -> 0.57, SpinalCord
-        0.24 -> 0.29, Brainstem 0.54 -> 0.59; PTV70 0.456 -> 0.445, Larynx 0.578 -> 0.563)."""
+    def _user_prompts(self, index: int, positive: bool | None = None) -> SlicePrompts:
+        """What a new click (``positive``: its sign; None for a box) on slice ``index`` adds to: the user's earlier
+        prompts there. On a propagated slice the propagation's own prompts (box and interior point) are dropped and
+        its mask is the mask input: a negative click goes in alone (not outvoted by a positive point at the same
+        place), a positive one with the mask's most interior point as an anchor (so it reads as "add this", not as
+        the first click on another object). 3D Dice after 3 clicks, stand-in teachers, 33 validation patients:
+        anchoring positive clicks raised PTV70 0.477 -> 0.549 (organs within 0.013); anchoring negative ones too
+        lost LeftParotid 0.066; keeping the box for positive clicks held the mask inside it (PTV70 0.479)."""
         if self._source.get(index) == "clicks" and index in self.prompts:
             return self.prompts[index].copy()
+        if positive and self._source.get(index) == "propagated":
+            anchor = interior_point(self.plane.extract(self.mask, index).astype(bool))
+            if anchor is not None:
+                return SlicePrompts([(float(anchor[0]), float(anchor[1]))], [1])
         return SlicePrompts()
 
     def add_point(self, point_lps, positive: bool = True) -> SliceResult:
         """A click at an LPS point (positive: include, negative: exclude); returns the slice's new mask."""
         index, row, col = self.locate(point_lps)
-        prompts = self._user_prompts(index)
+        prompts = self._user_prompts(index, positive)
         prompts.points.append((row, col))
         prompts.labels.append(1 if positive else 0)
         return self._update_slice(index, prompts, "positive click" if positive else "negative click")
@@ -322,8 +328,12 @@ class SegmentationSession:
         stand-in's masks otherwise run on along the neck: PTV70 3D Dice 0.47 -> 0.66 from a perfect seed slice).
         Propagation stops at a slice whose predicted IoU is below ``min_score``, whose area is below ``min_area_mm2``,
         whose overlap (Dice) with the neighbour is below ``min_overlap``, or at a slice drawn with clicks (which
-        the user owns; a slice the user emptied ends the structure there, and what was propagated beyond it is
-        cleared). Slices that were propagated before are replaced. Returns the 3D mask.
+        the user owns). Slices propagated before are replaced where this propagation reaches them and kept where
+        it stops short: they came from the user's other clicks, and a correction that the model turns into a
+        poorer mask should not take the rest of the structure with it (3D Dice after 3 clicks on the 33
+        validation patients, clearing -> keeping them: PTV70 0.549 -> 0.569, RightParotid 0.440 -> 0.527, Larynx
+        0.550 -> 0.599). Only a slice the user erased ends the structure: what was propagated beyond it is cleared.
+        Returns the 3D mask.
         """
         seeds = [i for i, s in self._source.items() if s == "clicks" and self.plane.extract(self.mask, i).any()]
         if from_index is None:
@@ -341,12 +351,12 @@ class SegmentationSession:
         # slices that will change: every propagated slice (they are recomputed) and whatever we reach
         step = _Step("propagate", {})
         for direction in (+1, -1):
-            previous, index, done = seed_mask, from_index + direction, 0
+            previous, index, done, erased = seed_mask, from_index + direction, 0, None
             while 0 <= index < self.plane.num_slices and done < limit:
                 if self._source.get(index) == "clicks":
                     # a drawn slice is the user's and so is what was propagated beyond it; an erased one ends the
-                    # structure, so what was propagated through it is cleared below
-                    index = index + direction if not self.plane.extract(self.mask, index).any() else -1
+                    # structure there
+                    erased = None if self.plane.extract(self.mask, index).any() else index
                     break
                 if guide is not None and not guide.first - margin <= index <= guide.last + margin:
                     break
@@ -366,7 +376,8 @@ class SegmentationSession:
                 done += 1
                 if progress:
                     progress(index)
-            # clear stale propagated slices beyond where this propagation stopped
+            # what was propagated beyond a slice the user erased is cleared
+            index = -1 if erased is None else erased + direction
             while 0 <= index < self.plane.num_slices and self._source.get(index) == "propagated":
                 step.before.setdefault(index, self._state(index))
                 self._write(index, np.zeros(self.plane.slice_shape, bool), None, "propagated")

@@ -3,8 +3,8 @@ geometry (direction z = -1, 3.9 x 3.9 x 2.5 mm).
 
 The backend here is an oracle with SAM's interface and SAM's coordinate conventions: its "embedding" is the slice
 letterboxed into the model grid, and its decoder returns the bright object of the slice if (and only if) the first
-positive point falls on it. Any flipped axis, swapped x/y, shifted letterbox or wrong slice index makes these fail,
-whatever the learned weights are.
+positive point falls on it (or, for propagation, a box holds part of it). Any flipped axis, swapped x/y, shifted
+letterbox or wrong slice index makes these fail, whatever the learned weights are.
 """
 
 import numpy as np
@@ -38,10 +38,12 @@ class _OracleDecoder:
         hit = True
         if points is not None:
             coords, labels = points
-            first = coords[0][labels[0] == 1][0]
-            # SAM's prompt encoder adds 0.5 and divides by the input size: pixel centres at integers
-            x, y = (first + 0.5) / MODEL_SIZE * obj.shape[-1] - 0.5
-            hit = bool(obj[int(round(float(y))), int(round(float(x)))])
+            positives = coords[0][labels[0] == 1]
+            hit = len(positives) > 0  # negative points alone find nothing
+            if hit:
+                # SAM's prompt encoder adds 0.5 and divides by the input size: pixel centres at integers
+                x, y = (positives[0] + 0.5) / MODEL_SIZE * obj.shape[-1] - 0.5
+                hit = bool(obj[int(round(float(y))), int(round(float(x)))])
         if boxes is not None and not hit:  # a box prompt (propagation) also finds the object inside it
             x0, y0, x1, y1 = ((boxes[0] + 0.5) / MODEL_SIZE * obj.shape[-1] - 0.5).round().int().tolist()
             hit = bool(obj[max(y0, 0): y1 + 1, max(x0, 0): x1 + 1].any())
@@ -164,9 +166,11 @@ def test_undo_redo_and_corrections(phantom):
     assert session.prompts[other].box is not None  # propagation prompted it with a box and a point
     session.add_point(plane.slice_coords_to_point([other, r2, c2]), positive=True)
     assert session._source[other] == "clicks"
-    # the user's click replaces the propagation's prompts there (its mask is the mask input)
-    assert session.prompts[other].box is None and session.prompts[other].labels == [1]
-    np.testing.assert_allclose(session.prompts[other].points, [(r2, c2)])
+    # the user's click replaces the propagation's prompts there (its mask is the mask input); a positive click keeps
+    # the mask's most interior point as an anchor
+    anchor = interior_point(stack[other])
+    assert session.prompts[other].box is None and session.prompts[other].labels == [1, 1]
+    np.testing.assert_allclose(session.prompts[other].points, [anchor, (r2, c2)])
     session.undo()
     assert session._source[other] == "propagated"
     session.undo()
@@ -174,6 +178,25 @@ def test_undo_redo_and_corrections(phantom):
     assert not session.mask.any() and not session.can_undo()
     with pytest.raises(PrismRTError, match="nothing to undo"):
         session.undo()
+
+
+def test_a_negative_click_on_a_propagated_slice_is_its_only_point(phantom):
+    """A negative click on a propagated slice goes in alone with the slice's mask as the mask input (no anchor, no
+    box); its pixel is the clicked voxel's, and only that slice becomes the user's."""
+    image, ptv = phantom
+    session = SegmentationSession(OracleBackend(), image, "axial", window="soft-tissue")
+    plane = session.plane
+    index, stack, point = _largest_slice(session, ptv)
+    session.add_point(point)
+    session.propagate(min_area_mm2=1.0, min_overlap=0.0, cross_views=False)
+    other = index - 2
+    rows, cols = np.nonzero(stack[other])
+    r, c = int(rows[0]), int(cols[0])  # an edge pixel of the target
+    session.add_point(plane.slice_coords_to_point([other, r, c]), positive=False)
+    prompts = session.prompts[other]
+    assert prompts.box is None and prompts.labels == [0]
+    np.testing.assert_allclose(prompts.points, [(r, c)])
+    assert [i for i, src in session._source.items() if src == "clicks"] == [index, other]
 
 
 def _component(mask, pixel):
@@ -268,6 +291,39 @@ def test_bad_clicks_and_boxes_are_refused(phantom):
         session.set_box(plane.slice_coords_to_point([10, 5, 5]), plane.slice_coords_to_point([12, 20, 20]))
     with pytest.raises(PrismRTError, match="nothing to propagate"):
         session.propagate()
+
+
+class _LosesItAbove(SegmentationSession):
+    """A model that, once ``lost_above`` is set, finds nothing on the slices above it."""
+
+    lost_above = None
+
+    def _predict(self, index, prompts, mask_logits, plane=None):
+        mask, score, logits = super()._predict(index, prompts, mask_logits, plane)
+        if plane is None and self.lost_above is not None and index > self.lost_above:
+            return np.zeros_like(mask), 0.0, logits
+        return mask, score, logits
+
+
+def test_a_propagation_that_stops_short_keeps_what_was_propagated_before(phantom):
+    """Re-propagating from a corrected slice replaces the slices it reaches; where the model loses the structure,
+    the slices propagated earlier (from the first click) stay as they were, and undo restores the rest."""
+    image, ptv = phantom
+    session = _LosesItAbove(OracleBackend(), image, "axial", window="soft-tissue")
+    plane = session.plane
+    index, stack, point = _largest_slice(session, ptv)
+    session.add_point(point)
+    session.propagate(min_area_mm2=1.0, min_overlap=0.0, cross_views=False)
+    before = session.mask.copy()
+    other = index + 3
+    assert plane.stack_view(before.astype(bool))[other + 1:].any()
+    session.add_point(plane.slice_coords_to_point([other, *interior_point(stack[other])]), positive=True)
+    session.lost_above = other
+    session.propagate(from_index=other, min_area_mm2=1.0, min_overlap=0.0, cross_views=False)
+    np.testing.assert_array_equal(session.mask, before)
+    assert all(session._source[i] == "propagated" for i in range(other + 1, len(stack)) if stack[i].any())
+    assert session.undo() == "propagate"
+    np.testing.assert_array_equal(session.mask, before)
 
 
 def test_an_erased_slice_ends_the_propagation_there(phantom):
