@@ -180,15 +180,22 @@ def test_undo_redo_and_corrections(phantom):
         session.undo()
 
 
-def test_a_negative_click_on_a_propagated_slice_is_its_only_point(phantom):
-    """A negative click on a propagated slice goes in alone with the slice's mask as the mask input (no anchor, no
-    box); its pixel is the clicked voxel's, and only that slice becomes the user's."""
+def _clicked_and_propagated(phantom, session_class=SegmentationSession):
+    """An axial session with a click at the target's most interior point on its largest slice, propagated (no
+    cross views): the session, that slice's index and the target's display stack."""
     image, ptv = phantom
-    session = SegmentationSession(OracleBackend(), image, "axial", window="soft-tissue")
-    plane = session.plane
+    session = session_class(OracleBackend(), image, "axial", window="soft-tissue")
     index, stack, point = _largest_slice(session, ptv)
     session.add_point(point)
     session.propagate(min_area_mm2=1.0, min_overlap=0.0, cross_views=False)
+    return session, index, stack
+
+
+def test_a_negative_click_on_a_propagated_slice_is_its_only_point(phantom):
+    """A negative click on a propagated slice goes in alone with the slice's mask as the mask input (no anchor, no
+    box); its pixel is the clicked voxel's, and only that slice becomes the user's."""
+    session, index, stack = _clicked_and_propagated(phantom)
+    plane = session.plane
     other = index - 2
     rows, cols = np.nonzero(stack[other])
     r, c = int(rows[0]), int(cols[0])  # an edge pixel of the target
@@ -308,13 +315,8 @@ class _LosesItAbove(SegmentationSession):
 def test_a_propagation_that_stops_short_keeps_what_was_propagated_before(phantom):
     """Re-propagating from a corrected slice replaces the slices it reaches; where the model loses the structure,
     the slices propagated earlier (from the first click) stay as they were, and undo restores the rest."""
-    image, ptv = phantom
-    session = _LosesItAbove(OracleBackend(), image, "axial", window="soft-tissue")
-    plane = session.plane
-    index, stack, point = _largest_slice(session, ptv)
-    session.add_point(point)
-    session.propagate(min_area_mm2=1.0, min_overlap=0.0, cross_views=False)
-    before = session.mask.copy()
+    session, index, stack = _clicked_and_propagated(phantom, _LosesItAbove)
+    plane, before = session.plane, session.mask.copy()
     other = index + 3
     assert plane.stack_view(before.astype(bool))[other + 1:].any()
     session.add_point(plane.slice_coords_to_point([other, *interior_point(stack[other])]), positive=True)
