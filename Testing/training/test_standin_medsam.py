@@ -366,6 +366,55 @@ def test_focus_structures_are_shown_and_prompted_first(cases):
         M.train("unused", steps=1, cases=cases, focus=("Tumour",), **FAST)
 
 
+def test_zoom_crop_enlarges_the_structure_where_it_was():
+    """zoom_crop: the window holds the first structure whole, and the enlarged masks are the crop of the originals
+    resized (a shifted or transposed window would move them)."""
+    size = 64
+    mask = np.zeros((size, size), bool)
+    mask[40:46, 10:14] = True  # 6 x 4 near the left edge
+    other = np.zeros((size, size), bool)
+    other[0:3, 60:63] = True  # far away: gone from the crop, replaced by the first
+    image = np.add.outer(np.arange(size), 100 * np.arange(size)).astype(np.float32)  # row + 100 col
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        r0, c0, side = M.zoom_window(mask, np.random.default_rng(seed))
+        assert 0 <= r0 <= 40 and r0 + side >= 46 and 0 <= c0 <= 10 and c0 + side >= 14
+        assert 24 <= side <= 3.0 * 6 + 24 and side <= size
+        zoomed_image, (zoomed, replaced) = M.zoom_crop(image, [mask, other], rng)
+        scale = side / size
+        # bilinear enlargement of the linear ramp: pixel (r, c) shows the crop at ((r + .5) s - .5, (c + .5) s - .5)
+        r, c = 17, 33
+        expected = r0 + (r + 0.5) * scale - 0.5 + 100 * (c0 + (c + 0.5) * scale - 0.5)
+        assert abs(zoomed_image[r, c] - expected) < 1e-3 * 100 * size
+        area = zoomed.sum() * scale ** 2
+        assert abs(area - mask.sum()) < 0.35 * mask.sum()
+        rows, cols = np.nonzero(zoomed)
+        assert abs((rows.mean() + 0.5) * scale - 0.5 + r0 - 42.5) < 1.0
+        assert abs((cols.mean() + 0.5) * scale - 0.5 + c0 - 11.5) < 1.0
+        np.testing.assert_array_equal(replaced, zoomed)
+
+
+def test_zoom_share_leaves_other_runs_unchanged_and_zooms_click_images(cases):
+    from training.data import SliceSampler
+
+    sampler = SliceSampler(cases, seed=0, size=48, orientations=("axial",), structure_bias=0.0)
+    zoomed = 0
+    for n in range(30):
+        plain = M._sample(sampler, 0, n, 2, p_propagate=0.5, end_share=0.5)
+        again = M._sample(sampler, 0, n, 2, p_propagate=0.5, end_share=0.5, zoom_share=0.0)
+        zoom = M._sample(sampler, 0, n, 2, p_propagate=0.5, end_share=0.5, zoom_share=1.0)
+        for a, b in zip(plain[1], again[1]):
+            np.testing.assert_array_equal(a, b)
+        if plain[3][0] is not None:  # propagation samples are never zoomed
+            np.testing.assert_array_equal(zoom[0], plain[0])
+        else:
+            assert zoom[1][0].sum() >= plain[1][0].sum()  # equal where the window is the whole image
+            zoomed += zoom[1][0].sum() > plain[1][0].sum()
+    assert zoomed > 5
+    with pytest.raises(ValueError, match="zoom_share"):
+        M.train("unused", steps=1, cases=cases, zoom_share=1.5, **FAST)
+
+
 def test_weights_move_to_a_finer_patch_grid_exactly(tmp_path):
     """adapt_state_dict: at patch 4 the first layer sees on a slice what the patch-8 model saw on the slice
     upsampled twice; the rest of the network is carried over unchanged and the model runs on the finer grid."""

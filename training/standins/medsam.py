@@ -224,6 +224,7 @@ class TrainSettings:
     init_from: str = ""  # a finished run whose weights start this one (fine-tuning); "" = random initialisation
     focus: tuple[str, ...] = ()  # structures drawn more often (the product's own: the targets), "" = none
     focus_share: float = 0.0  # share of images that show one of them and prompt it first
+    zoom_share: float = 0.0  # share of click/box images cropped around their first structure and enlarged
     iou_weight: float = 1.0
     clip: float = 1.0
     train_cases: str = ""
@@ -246,7 +247,7 @@ def _lr_factor(step: int, s: TrainSettings) -> float:
 
 
 def _sample(sampler: SliceSampler, seed: int, n: int, prompts: int = 1, p_propagate: float = 0.0,
-            end_share: float = 0.0, focus: tuple[str, ...] = (), focus_share: float = 0.0):
+            end_share: float = 0.0, focus: tuple[str, ...] = (), focus_share: float = 0.0, zoom_share: float = 0.0):
     """Image ``n`` of a run: the windowed slice (S, S), ``prompts`` masks of structures visible in it (distinct while
     there are enough), one generator per mask (window, prompts, clicks), and per mask the mask it is prompted from
     (None: prompted by clicks or a box as SAM is); depends only on (seed, n).
@@ -261,6 +262,10 @@ def _sample(sampler: SliceSampler, seed: int, n: int, prompts: int = 1, p_propag
     In ``focus_share`` of the images (drawn only when ``focus`` is given, so other runs are unchanged) the slice
     shows one of the ``focus`` structures and that one is prompted first: the targets, which the product delineates,
     are rarer and harder than the organs.
+
+    In ``zoom_share`` of the click/box images (own generator, so other runs are unchanged) image and masks are a
+    square crop around the first prompted structure, enlarged to the full size (:func:`zoom_crop`): the model then
+    also knows anatomy larger than the native grid shows it, as a zoomed-in view of a small target needs.
     """
     rng = np.random.default_rng([seed, 0x5A4D, n])
     wanted = bool(focus) and rng.random() < focus_share
@@ -292,9 +297,43 @@ def _sample(sampler: SliceSampler, seed: int, n: int, prompts: int = 1, p_propag
                 chosen[0] = first
             rngs = [np.random.default_rng([seed, 0x5A4D, n, p + 1]) for p in range(prompts)]
             sources = [s.mask(c) if target is not s else None for c in chosen]
-            return image, [target.mask(c) for c in chosen], rngs, sources
+            masks = [target.mask(c) for c in chosen]
+            if zoom_share > 0 and target is s:
+                zrng = np.random.default_rng([seed, 0x200A, n])
+                if zrng.random() < zoom_share:
+                    image, masks = zoom_crop(image, masks, zrng)
+            return image, masks, rngs, sources
     raise RuntimeError(f"no slice showing {'one of ' + ', '.join(focus) if wanted else 'a structure'} in "
                        f"{attempt + 1} draws: are the structure masks empty?")
+
+
+def zoom_window(mask: np.ndarray, rng: np.random.Generator, expand=(1.4, 3.0), min_side: int = 24,
+                jitter: float = 0.15) -> tuple[int, int, int]:
+    """A square window (row0, col0, side) around a 2D mask: its bounding box's longer side times a random factor in
+    ``expand`` (at least ``min_side``, at most the image), centred on the box up to ``jitter`` of the side away,
+    inside the image."""
+    size = mask.shape[0]
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    side = max(rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1) * rng.uniform(*expand)
+    side = int(round(min(size, max(min_side, side))))
+    centre = np.array([(rows[0] + rows[-1]) / 2, (cols[0] + cols[-1]) / 2]) + rng.uniform(-jitter, jitter, 2) * side
+    r0, c0 = (int(round(min(max(v - side / 2, 0), size - side))) for v in centre)
+    return r0, c0, side
+
+
+def zoom_crop(image: np.ndarray, masks: list[np.ndarray], rng: np.random.Generator):
+    """Crop image and masks to :func:`zoom_window` of the first mask and enlarge them to the full size (bilinear;
+    masks by area fraction > 0.5). A mask the crop leaves below MIN_PIXELS is replaced by the first one."""
+    size = image.shape[0]
+    r0, c0, side = zoom_window(masks[0], rng)
+
+    def enlarge(a: np.ndarray) -> np.ndarray:
+        t = torch.from_numpy(np.ascontiguousarray(a[r0:r0 + side, c0:c0 + side], np.float32))[None, None]
+        return F.interpolate(t, (size, size), mode="bilinear", align_corners=False)[0, 0].numpy()
+
+    zoomed = [enlarge(m) > 0.5 for m in masks]
+    zoomed = [z if z.sum() >= MIN_PIXELS else zoomed[0] for z in zoomed]
+    return enlarge(image).astype(image.dtype), zoomed
 
 
 def mask_prompt(mask: np.ndarray, size: int, scale: float = 8.0) -> torch.Tensor:
@@ -433,7 +472,7 @@ def train(out_dir, steps: int, seed: int = 0, batch_size: int = 8, threads: int 
           train_dir=TRAIN_DIR, log_every: int = 10, ckpt_every: int = 100, *, config="standin", cases=None,
           limit: int | None = None, stop_at: int | None = None, lr: float = 5e-4, iterations: int = 4,
           p_box: float = 0.5, p_propagate: float = 0.25, end_share: float = 0.0, init_from=None,
-          focus=(), focus_share: float = 0.0, prompts_per_image: int = 2, axial_share: float = 0.5, device: str = "cpu",
+          focus=(), focus_share: float = 0.0, zoom_share: float = 0.0, prompts_per_image: int = 2, axial_share: float = 0.5, device: str = "cpu",
           verbose: bool = True) -> Sam:
     """Train the MedSAM-like stand-in; returns the model (weights also saved in ``out_dir``).
 
@@ -452,13 +491,15 @@ def train(out_dir, steps: int, seed: int = 0, batch_size: int = 8, threads: int 
         raise ValueError(f"focus: unknown structure(s) {', '.join(unknown)}; choose from {', '.join(STRUCTURES)}")
     if focus and not 0 < focus_share <= 1:
         raise ValueError(f"focus_share must be in (0, 1], got {focus_share}")
+    if not 0 <= zoom_share <= 1:
+        raise ValueError(f"zoom_share must be in [0, 1], got {zoom_share}")
     if cases is None:
         cases = load_cases(train_dir, limit=limit)
     settings = TrainSettings(steps=int(steps), seed=int(seed), batch_size=int(batch_size), config=cfg.to_dict(),
                              lr=float(lr), iterations=int(iterations), p_box=float(p_box),
                              p_propagate=float(p_propagate), end_share=float(end_share),
                              init_from=str(init_from or ""), focus=tuple(focus or ()),
-                             focus_share=float(focus_share) if focus else 0.0,
+                             focus_share=float(focus_share) if focus else 0.0, zoom_share=float(zoom_share),
                              prompts_per_image=int(prompts_per_image), axial_share=float(axial_share),
                              train_cases=",".join(c.name for c in cases))
     torch.manual_seed(settings.seed)
@@ -478,8 +519,9 @@ def train(out_dir, steps: int, seed: int = 0, batch_size: int = 8, threads: int 
     ckpt_path = out / CHECKPOINT_NAME
     if resume and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if ckpt["settings"] != asdict(settings):
-            diff = sorted(k for k, v in asdict(settings).items() if ckpt["settings"].get(k) != v)
+        saved = {"zoom_share": 0.0, **ckpt["settings"]}  # checkpoints from before the option
+        if saved != asdict(settings):
+            diff = sorted(k for k, v in asdict(settings).items() if saved.get(k) != v)
             raise ValueError(f"{ckpt_path} was made with other settings (differing: {', '.join(diff)}): "
                              "use another output folder, or resume=False to start over")
         model.load_state_dict(ckpt["model"])
@@ -502,7 +544,8 @@ def train(out_dir, steps: int, seed: int = 0, batch_size: int = 8, threads: int 
     for step in range(start, end):
         t = time.perf_counter()
         items = [_sample(sampler, settings.seed, step * settings.batch_size + i, settings.prompts_per_image,
-                         settings.p_propagate, settings.end_share, settings.focus, settings.focus_share)
+                         settings.p_propagate, settings.end_share, settings.focus, settings.focus_share,
+                         settings.zoom_share)
                  for i in range(settings.batch_size)]
         images = np.stack([x[0] for x in items])
         masks = np.stack([m for x in items for m in x[1]])
@@ -775,6 +818,8 @@ def main(argv=None) -> None:
                    help="draw this structure more often (repeat for several; e.g. the targets PTV56/63/70)")
     t.add_argument("--focus-share", type=float, default=0.4,
                    help="share of images that show a --focus structure and prompt it first")
+    t.add_argument("--zoom-share", type=float, default=0.0,
+                   help="share of click/box images cropped around their first structure and enlarged (zoom-in)")
     t.add_argument("--config", default="standin", choices=sorted(MEDSAM_PRESETS))
     t.add_argument("--train-dir", default=str(TRAIN_DIR))
     t.add_argument("--limit", type=int, default=None, help="first N training patients only")
@@ -797,7 +842,7 @@ def main(argv=None) -> None:
               train_dir=a.train_dir, log_every=a.log_every, ckpt_every=a.ckpt_every, config=a.config, limit=a.limit,
               stop_at=a.stop_at, lr=a.lr, iterations=a.iterations, prompts_per_image=a.prompts_per_image,
               axial_share=a.axial_share, p_box=a.p_box, p_propagate=a.p_propagate, end_share=a.end_share,
-              init_from=a.init_from, focus=tuple(a.focus), focus_share=a.focus_share)
+              init_from=a.init_from, focus=tuple(a.focus), focus_share=a.focus_share, zoom_share=a.zoom_share)
         plot_log(a.out)
         if a.no_eval or (a.stop_at is not None and a.stop_at < a.steps):
             return
