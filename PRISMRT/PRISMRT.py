@@ -170,6 +170,19 @@ def volumeNodeToImage(volumeNode) -> "SimpleITK.Image":
     return image
 
 
+def _imageIjkToRasMatrix(image) -> "vtk.vtkMatrix4x4":
+    """The IJKToRAS matrix of a SimpleITK image's (LPS) geometry."""
+    direction = np.array(image.GetDirection(), dtype=float).reshape(3, 3)
+    linearRas = _RAS_LPS_FLIP @ direction @ np.diag(image.GetSpacing())
+    originRas = _RAS_LPS_FLIP @ np.array(image.GetOrigin(), dtype=float)
+    ijkToRas = vtk.vtkMatrix4x4()
+    for row in range(3):
+        for column in range(3):
+            ijkToRas.SetElement(row, column, float(linearRas[row, column]))
+        ijkToRas.SetElement(row, 3, float(originRas[row]))
+    return ijkToRas
+
+
 def imageToVolumeNode(image, name: str | None = None, scene=None, volumeNode=None,
                       className: str = "vtkMRMLScalarVolumeNode"):
     """Put a 3D SimpleITK image (LPS) into a volume node (RAS): the exact inverse of :func:`volumeNodeToImage`.
@@ -195,14 +208,7 @@ def imageToVolumeNode(image, name: str | None = None, scene=None, volumeNode=Non
     imageData.SetDimensions(*[int(n) for n in image.GetSize()])
     imageData.GetPointData().SetScalars(scalars)
 
-    direction = np.array(image.GetDirection(), dtype=float).reshape(3, 3)
-    linearRas = _RAS_LPS_FLIP @ direction @ np.diag(image.GetSpacing())
-    originRas = _RAS_LPS_FLIP @ np.array(image.GetOrigin(), dtype=float)
-    ijkToRas = vtk.vtkMatrix4x4()
-    for row in range(3):
-        for column in range(3):
-            ijkToRas.SetElement(row, column, float(linearRas[row, column]))
-        ijkToRas.SetElement(row, 3, float(originRas[row]))
+    ijkToRas = _imageIjkToRasMatrix(image)
 
     if volumeNode is None:
         if scene is None:
@@ -220,6 +226,30 @@ def imageToVolumeNode(image, name: str | None = None, scene=None, volumeNode=Non
     if volumeNode.GetDisplayNode() is None and volumeNode.GetScene() is not None:
         volumeNode.CreateDefaultDisplayNodes()
     return volumeNode
+
+
+def maskToSegment(maskImage, segmentationNode, segmentName: str, color=(0.9, 0.2, 0.2)) -> str:
+    """Write a binary mask (a 3D SimpleITK image in LPS, non-zero = inside) into ``segmentationNode`` as the segment
+    named ``segmentName``, voxel for voxel on the mask's own grid; a segment of that name is replaced (same ID, name
+    and colour), otherwise added with ``color``. Returns the segment's ID."""
+    import SimpleITK as sitk
+    from vtk.util import numpy_support
+
+    if segmentationNode is None:
+        raise ValueError("no segmentation node given to write the mask into")
+    array = sitk.GetArrayViewFromImage(maskImage)  # (k, j, i)
+    labelmap = slicer.vtkOrientedImageData()
+    labelmap.SetDimensions(*[int(n) for n in maskImage.GetSize()])
+    labelmap.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars())[:] = (np.asarray(array) != 0).ravel()
+    labelmap.SetImageToWorldMatrix(_imageIjkToRasMatrix(maskImage))
+
+    segmentation = segmentationNode.GetSegmentation()
+    segmentId = segmentation.GetSegmentIdBySegmentName(segmentName)
+    if segmentId:
+        color = segmentation.GetSegment(segmentId).GetColor()
+        segmentation.RemoveSegment(segmentId)
+    return segmentationNode.AddSegmentFromBinaryLabelmapRepresentation(labelmap, segmentName, color, segmentId or "")
 
 
 def windowPresetNames() -> list:
@@ -487,6 +517,8 @@ class PRISMRTLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
+        self.delineation = None  # PRISMRTLib SegmentationSession of the delineation in progress
+        self.delineationVolumeNode = None
 
     def getParameterNode(self):
         return PRISMRTParameterNode(super().getParameterNode())
@@ -514,6 +546,52 @@ class PRISMRTLogic(ScriptedLoadableModuleLogic):
     def applyWindowPreset(self, volumeNode, presetName: str) -> None:
         """See :func:`applyWindowPreset`."""
         applyWindowPreset(volumeNode, presetName)
+
+    # Delineation: clicks (RAS, as Slicer's markups give them) -> PRISMRTLib's segmentation session -> a segment
+
+    def startDelineation(self, volumeNode, backend="teachers", orientation: str = "axial", model=None,
+                         device: str = "auto", window: str = "head-and-neck"):
+        """Start delineating one structure on ``volumeNode``'s slices of ``orientation``. ``backend`` is a backend
+        name ("teachers" or "prismrt", weights fetched on first use; ``model``: a manifest name or a bundle folder)
+        or a ready FeatureBackend. Returns PRISMRTLib's SegmentationSession (also kept as ``self.delineation``)."""
+        segmentation = importPRISMRTLib("PRISMRTLib.segmentation")
+        image = volumeNodeToImage(volumeNode)
+        if isinstance(backend, str):
+            backend = importPRISMRTLib("PRISMRTLib.features").open_backend(backend, model, device)
+        self.delineation = segmentation.SegmentationSession(backend, image, orientation, window=window)
+        self.delineationVolumeNode = volumeNode
+        return self.delineation
+
+    def _session(self):
+        session = self.delineation
+        if session is None:
+            raise importPRISMRTLib("PRISMRTLib.errors").PrismRTError(
+                "no delineation is in progress: select the CT and start a delineation first")
+        return session
+
+    def addDelineationPoint(self, pointRas, positive: bool = True):
+        """A click at a RAS point (positive: include, negative: exclude) on the slice that holds it; returns the
+        slice's result (index, mask, predicted IoU, area)."""
+        pointLps = _RAS_LPS_FLIP @ np.asarray(pointRas, dtype=float)[:3]
+        return self._session().add_point(pointLps, positive=positive)
+
+    def propagateDelineation(self, **options):
+        """Propagate the drawn slices into 3D (options: PRISMRTLib's ``SegmentationSession.propagate``)."""
+        return self._session().propagate(**options)
+
+    def undoDelineation(self) -> str:
+        return self._session().undo()
+
+    def redoDelineation(self) -> str:
+        return self._session().redo()
+
+    def delineationToSegment(self, segmentationNode, segmentName: str = "GTV") -> str:
+        """Write the current 3D mask into ``segmentationNode`` as ``segmentName`` (replacing a segment of that name);
+        the node's reference geometry is set to the delineated volume when it has none. Returns the segment ID."""
+        session = self._session()
+        if not segmentationNode.GetNodeReferenceID(segmentationNode.GetReferenceImageGeometryReferenceRole()):
+            segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(self.delineationVolumeNode)
+        return maskToSegment(session.result(), segmentationNode, segmentName)
 
     # Dependencies (inside the Slicer application)
 

@@ -57,3 +57,71 @@ def make_tiny_bundle(kind: str, folder: Path, seed: int = 0, words=None) -> dict
     modules = build_components(kind, configs)
     save_bundle(folder, kind, configs, modules, vocab, name=f"tiny-{kind}", version="0.0.1")
     return modules
+
+
+# ---- an oracle segmentation backend ---------------------------------------------------------------------------------
+ORACLE_MODEL_SIZE = 128
+
+
+class _OraclePrompts:
+    def __call__(self, points=None, boxes=None, masks=None):
+        return (points, boxes, masks), None
+
+    def get_dense_pe(self):
+        return None
+
+
+class _OracleDecoder:
+    def __call__(self, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
+                 multimask_output):
+        import torch
+
+        points, boxes, _ = sparse_prompt_embeddings
+        obj = image_embeddings[0, 0] > 0.5
+        n = 3 if multimask_output else 1
+        hit = True
+        if points is not None:
+            coords, labels = points
+            positives = coords[0][labels[0] == 1]
+            hit = len(positives) > 0  # negative points alone find nothing
+            if hit:
+                # SAM's prompt encoder adds 0.5 and divides by the input size: pixel centres at integers
+                x, y = (positives[0] + 0.5) / ORACLE_MODEL_SIZE * obj.shape[-1] - 0.5
+                hit = bool(obj[int(round(float(y))), int(round(float(x)))])
+        if boxes is not None and not hit:  # a box prompt (propagation) also finds the object inside it
+            x0, y0, x1, y1 = ((boxes[0] + 0.5) / ORACLE_MODEL_SIZE * obj.shape[-1] - 0.5).round().int().tolist()
+            hit = bool(obj[max(y0, 0): y1 + 1, max(x0, 0): x1 + 1].any())
+        logits = torch.where(obj, 10.0, -10.0) if hit else torch.full_like(image_embeddings[0, 0], -10.0)
+        iou = torch.full((1, n), 0.95 if hit else 0.05)
+        return logits[None, None].expand(1, n, -1, -1), iou
+
+
+def OracleBackend():
+    """A feature backend with SAM's interface and coordinate conventions whose "embedding" is the windowed slice
+    letterboxed into a 128 px model grid and whose decoder returns the slice's bright object (window value > 0.5)
+    when the first positive point falls on it, or a box holds part of it. Learned weights play no part, so a test
+    with it fails on geometry only: a flipped axis, swapped x/y, shifted letterbox or wrong slice index."""
+    import torch
+
+    from PRISMRTLib.features import FeatureBackend, SliceFeatures
+    from PRISMRTLib.imaging import Letterbox
+
+    class _Oracle(FeatureBackend):
+        name = "oracle"
+        prompt_encoder = _OraclePrompts()
+        mask_decoder = _OracleDecoder()
+
+        def __init__(self):
+            self.device, self.half, self.batch_size, self.fallback_message = "cpu", False, 8, None
+            self.calls = 0
+
+        def encode(self, slices, pixel_spacing=(1.0, 1.0), sam_only=False):
+            self.calls += 1
+            slices = np.asarray(slices, np.float32)
+            slices = slices[None] if slices.ndim == 2 else slices
+            box = Letterbox.fit(slices.shape[1:], pixel_spacing, ORACLE_MODEL_SIZE)
+            emb = torch.from_numpy(np.stack([box.resize_to_model(s, antialias=False) for s in slices]))[:, None]
+            z = torch.zeros(len(slices), 1)
+            return SliceFeatures(emb, z, emb, z, emb, z, letterbox=box)
+
+    return _Oracle()

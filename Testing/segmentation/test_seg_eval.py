@@ -11,8 +11,7 @@ import SimpleITK as sitk
 from PRISMRTLib.cli import main
 from PRISMRTLib.seg_eval import ClickResult, markdown_table, simulate_clicks, summarise, wilcoxon
 from PRISMRTLib.segmentation import SegmentationSession
-from prismrt_testing import SAMPLE_DIR, make_tiny_bundle
-from test_session_geometry import OracleBackend
+from prismrt_testing import SAMPLE_DIR, OracleBackend, make_tiny_bundle
 
 
 def test_protocol_on_an_oracle_recovers_the_target(tmp_path):

@@ -1,75 +1,20 @@
 """Clicks land on the right pixel and masks land on the right voxels, in all three orientations, on real OpenKBP
 geometry (direction z = -1, 3.9 x 3.9 x 2.5 mm).
 
-The backend here is an oracle with SAM's interface and SAM's coordinate conventions: its "embedding" is the slice
-letterboxed into the model grid, and its decoder returns the bright object of the slice if (and only if) the first
-positive point falls on it (or, for propagation, a box holds part of it). Any flipped axis, swapped x/y, shifted
-letterbox or wrong slice index makes these fail, whatever the learned weights are.
+The backend is an oracle with SAM's interface and coordinate conventions (prismrt_testing.OracleBackend): it
+returns the bright object of the slice if (and only if) the first positive point falls on it (or, for
+propagation, a box holds part of it). Any flipped axis, swapped x/y, shifted letterbox or wrong slice index makes
+these fail, whatever the learned weights are.
 """
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 from PRISMRTLib.errors import GeometryError, PrismRTError
-from PRISMRTLib.features import FeatureBackend, SliceFeatures
-from PRISMRTLib.imaging import Geometry, Letterbox, SlicePlane
+from PRISMRTLib.imaging import Geometry, SlicePlane
 from PRISMRTLib.segmentation import CrossViewGuide, SegmentationSession, interior_point
-from prismrt_testing import SAMPLE_DIR
-
-MODEL_SIZE = 128
-
-
-class _OraclePrompts:
-    def __call__(self, points=None, boxes=None, masks=None):
-        return (points, boxes, masks), None
-
-    def get_dense_pe(self):
-        return None
-
-
-class _OracleDecoder:
-    def __call__(self, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
-                 multimask_output):
-        points, boxes, _ = sparse_prompt_embeddings
-        obj = image_embeddings[0, 0] > 0.5
-        n = 3 if multimask_output else 1
-        hit = True
-        if points is not None:
-            coords, labels = points
-            positives = coords[0][labels[0] == 1]
-            hit = len(positives) > 0  # negative points alone find nothing
-            if hit:
-                # SAM's prompt encoder adds 0.5 and divides by the input size: pixel centres at integers
-                x, y = (positives[0] + 0.5) / MODEL_SIZE * obj.shape[-1] - 0.5
-                hit = bool(obj[int(round(float(y))), int(round(float(x)))])
-        if boxes is not None and not hit:  # a box prompt (propagation) also finds the object inside it
-            x0, y0, x1, y1 = ((boxes[0] + 0.5) / MODEL_SIZE * obj.shape[-1] - 0.5).round().int().tolist()
-            hit = bool(obj[max(y0, 0): y1 + 1, max(x0, 0): x1 + 1].any())
-        logits = torch.where(obj, 10.0, -10.0) if hit else torch.full_like(image_embeddings[0, 0], -10.0)
-        iou = torch.full((1, n), 0.95 if hit else 0.05)
-        return logits[None, None].expand(1, n, -1, -1), iou
-
-
-class OracleBackend(FeatureBackend):
-    name = "oracle"
-
-    def __init__(self):
-        self.device, self.half, self.batch_size, self.fallback_message = "cpu", False, 8, None
-        self.calls = 0
-
-    prompt_encoder = _OraclePrompts()
-    mask_decoder = _OracleDecoder()
-
-    def encode(self, slices, pixel_spacing=(1.0, 1.0), sam_only=False):
-        self.calls += 1
-        slices = np.asarray(slices, np.float32)
-        slices = slices[None] if slices.ndim == 2 else slices
-        box = Letterbox.fit(slices.shape[1:], pixel_spacing, MODEL_SIZE)
-        emb = torch.from_numpy(np.stack([box.resize_to_model(s, antialias=False) for s in slices]))[:, None]
-        z = torch.zeros(len(slices), 1)
-        return SliceFeatures(emb, z, emb, z, emb, z, letterbox=box)
+from prismrt_testing import SAMPLE_DIR, OracleBackend
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,124 @@
+"""Delineation from the Slicer module's logic against slicer-core: a click given in RAS (as Slicer's markups give it)
+lands on the right voxel of the volume node, and the mask comes back as a segment on exactly the volume's grid.
+
+The volume is the real PTV70 of OpenKBP pt_226 as a bright object on the real CT grid (direction z = -1); the backend
+is the oracle of prismrt_testing, which finds the object only when the click is on it, so a RAS/LPS mix-up, a wrong
+slice or a shifted segment fails here whatever the weights.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip(
+    "slicer", reason="slicer-core is not installed (pip install slicer-core): it runs the module's MRML logic"
+)
+if not hasattr(slicer, "vtkMRMLScene"):  # an unrelated PyPI package is also named "slicer"
+    pytest.skip(f"the installed 'slicer' package ({getattr(slicer, '__file__', '?')}) is not slicer-core",
+                allow_module_level=True)
+sitk = pytest.importorskip("SimpleITK")
+
+import vtk  # noqa: E402  (comes with slicer-core)
+from vtk.util import numpy_support  # noqa: E402
+
+from PRISMRTLib.errors import GeometryError, PrismRTError  # noqa: E402
+from PRISMRTLib.segmentation import interior_point  # noqa: E402
+from prismrt_testing import SAMPLE_DIR, OracleBackend  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    ct = sitk.ReadImage(str(SAMPLE_DIR / "ct.nii.gz"))
+    ptv = sitk.GetArrayFromImage(sitk.ReadImage(str(SAMPLE_DIR / "PTV70.nii.gz"))) > 0
+    image = sitk.GetImageFromArray(np.where(ptv, 200, -1000).astype(np.int16))
+    image.CopyInformation(ct)
+    return image, ptv
+
+
+@pytest.fixture
+def delineation(phantom, scene, logic):
+    """A volume node of the phantom, a delineation started on it, and a click point on the target's largest axial
+    slice: (k, RAS point of its most interior voxel from the node's own IJKToRAS)."""
+    image, ptv = phantom
+    volume = logic.imageToVolumeNode(image, name="CT", scene=scene)
+    logic.startDelineation(volume, backend=OracleBackend(), window="soft-tissue")
+    k = int(np.argmax(ptv.sum(axis=(1, 2))))
+    j, i = interior_point(ptv[k])
+    m = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(m)
+    ras = np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)]) @ np.array([i, j, k, 1.0])
+    return volume, k, ras[:3]
+
+
+def _segment_array(segmentation_node, segment_id, shape_kji, ijk_to_ras) -> np.ndarray:
+    """The segment's binary labelmap on the volume's grid (checked to be that grid), as a (k, j, i) bool array."""
+    labelmap = slicer.vtkOrientedImageData()
+    segmentation_node.GetBinaryLabelmapRepresentation(segment_id, labelmap)
+    m = vtk.vtkMatrix4x4()
+    labelmap.GetImageToWorldMatrix(m)
+    np.testing.assert_allclose([[m.GetElement(r, c) for c in range(4)] for r in range(4)], ijk_to_ras, atol=1e-6)
+    i0, i1, j0, j1, k0, k1 = labelmap.GetExtent()
+    out = np.zeros(shape_kji, bool)
+    if i1 >= i0:
+        values = numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars())
+        out[k0:k1 + 1, j0:j1 + 1, i0:i1 + 1] = values.reshape(k1 - k0 + 1, j1 - j0 + 1, i1 - i0 + 1) != 0
+    return out
+
+
+def _ijk_to_ras(volume) -> np.ndarray:
+    m = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(m)
+    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def _dice(a, b):
+    return 2 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
+
+
+def test_a_ras_click_gives_the_target_slice_as_a_segment_on_the_volume_grid(phantom, delineation, scene, logic):
+    _, ptv = phantom
+    volume, k, ras = delineation
+    result = logic.addDelineationPoint(ras, positive=True)
+    assert result.index == k and result.mask.any()
+    segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "PRISM-RT")
+    segment_id = logic.delineationToSegment(segmentation_node, "GTV")
+    assert segmentation_node.GetSegmentation().GetSegment(segment_id).GetName() == "GTV"
+    assert segmentation_node.GetNodeReferenceID(segmentation_node.GetReferenceImageGeometryReferenceRole()) == \
+        volume.GetID()
+    segment = _segment_array(segmentation_node, segment_id, ptv.shape, _ijk_to_ras(volume))
+    np.testing.assert_array_equal(segment, logic.delineation.mask.astype(bool))
+    assert _dice(segment[k], ptv[k]) > 0.97
+    assert not np.delete(segment, k, axis=0).any()
+
+
+def test_propagation_and_undo_replace_the_segment_in_place(phantom, delineation, scene, logic):
+    _, ptv = phantom
+    volume, k, ras = delineation
+    logic.addDelineationPoint(ras)
+    segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "PRISM-RT")
+    segment_id = logic.delineationToSegment(segmentation_node, "GTV")
+    color = segmentation_node.GetSegmentation().GetSegment(segment_id).GetColor()
+    logic.propagateDelineation(min_area_mm2=1.0, min_overlap=0.0, cross_views=False)
+    assert logic.delineationToSegment(segmentation_node, "GTV") == segment_id
+    segmentation = segmentation_node.GetSegmentation()
+    assert segmentation.GetNumberOfSegments() == 1
+    assert segmentation.GetSegment(segment_id).GetColor() == color
+    grid = _ijk_to_ras(volume)
+    assert _dice(_segment_array(segmentation_node, segment_id, ptv.shape, grid), ptv) > 0.95
+    assert logic.undoDelineation() == "propagate"
+    logic.delineationToSegment(segmentation_node, "GTV")
+    one_slice = _segment_array(segmentation_node, segment_id, ptv.shape, grid)
+    assert np.flatnonzero(one_slice.any(axis=(1, 2))).tolist() == [k]
+    assert logic.redoDelineation() == "propagate"
+
+
+def test_clear_errors_without_a_delineation_and_outside_the_volume(delineation, logic, prismrt_module):
+    volume, k, ras = delineation
+    with pytest.raises(GeometryError, match="outside the volume"):
+        logic.addDelineationPoint(ras + np.array([0.0, 0.0, 1000.0]))
+    fresh = prismrt_module.PRISMRTLogic()
+    with pytest.raises(PrismRTError, match="start a delineation first"):
+        fresh.addDelineationPoint(ras)
+    with pytest.raises(PrismRTError, match="start a delineation first"):
+        fresh.propagateDelineation()
