@@ -79,7 +79,9 @@ def _dice(a, b):
 def test_a_ras_click_gives_the_target_slice_as_a_segment_on_the_volume_grid(phantom, delineation, scene, logic):
     _, ptv = phantom
     volume, k, ras = delineation
-    result = logic.addDelineationPoint(ras, positive=True)
+    clicks = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "clicks")  # where a click in a slice view goes
+    clicks.AddControlPoint(vtk.vtkVector3d(*ras))
+    result = logic.addDelineationPoint(clicks.GetNthControlPointPosition(0), positive=True)
     assert result.index == k and result.mask.any()
     segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "PRISM-RT")
     segment_id = logic.delineationToSegment(segmentation_node, "GTV")
