@@ -347,6 +347,8 @@ class PRISMRTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._checkedVolumeID = None
+        self._clickNodeIDs = {}  # True (positive) / False (negative) -> ID of the markups node that takes clicks
+        self._segmentationNodeID = None
 
     def setup(self) -> None:
         """Called when the user opens the module the first time and the widget is initialized."""
@@ -375,6 +377,13 @@ class PRISMRTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # "activated" is emitted only by the user, also when the shown preset is chosen again (to re-apply it).
         self.ui.windowPresetComboBox.connect("activated(int)", self.onWindowPresetActivated)
 
+        self.ui.startDelineationButton.connect("clicked(bool)", self.onStartDelineation)
+        self.ui.positivePointButton.connect("toggled(bool)", lambda on: self.onPlacePoints(True, on))
+        self.ui.negativePointButton.connect("toggled(bool)", lambda on: self.onPlacePoints(False, on))
+        self.ui.propagateButton.connect("clicked(bool)", self.onPropagate)
+        self.ui.undoButton.connect("clicked(bool)", lambda: self.onHistory(undo=True))
+        self.ui.redoButton.connect("clicked(bool)", lambda: self.onHistory(undo=False))
+
         self._populateWindowPresets()
 
         # Make sure parameter node is initialized (needed for module reload)
@@ -382,6 +391,7 @@ class PRISMRTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self) -> None:
         """Called when the application closes and the module widget is destroyed."""
+        self._stopPlacing()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -397,6 +407,9 @@ class PRISMRTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         """Called just before the scene is closed."""
+        self._stopPlacing()
+        self.logic.delineation = None
+        self._clickNodeIDs, self._segmentationNodeID = {}, None
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -461,6 +474,8 @@ class PRISMRTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 comboBox.currentIndex = index
                 comboBox.blockSignals(wasBlocked)
 
+        self._updateDelineationButtons()
+
         # A check result describes one volume: clear it when another one is selected.
         volumeID = volumeNode.GetID() if hasVolume else None
         if self._checkedVolumeID is not None and volumeID != self._checkedVolumeID:
@@ -490,6 +505,135 @@ class PRISMRTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 text = _("The volume '{name}' cannot be used:\n{error}").format(name=volumeNode.GetName(), error=error)
             self.ui.checkResultText.setPlainText(text)
             self._checkedVolumeID = volumeNode.GetID()
+
+    # Delineation: clicks placed in the slice views as markups go to the logic; the result is a segment
+
+    def _delineating(self) -> bool:
+        """A delineation is in progress on the selected volume."""
+        volumeNode = self._parameterNode.inputVolume if self._parameterNode else None
+        return self.logic.delineation is not None and volumeNode is not None and \
+            self.logic.delineationVolumeNode is volumeNode
+
+    def _updateDelineationButtons(self) -> None:
+        volumeNode = self._parameterNode.inputVolume if self._parameterNode else None
+        active = self._delineating()
+        session = self.logic.delineation if active else None
+        self.ui.startDelineationButton.enabled = volumeNode is not None
+        for button in (self.ui.positivePointButton, self.ui.negativePointButton):
+            button.enabled = active
+            if not active and button.checked:
+                button.checked = False
+        self.ui.propagateButton.enabled = active and bool(session.mask.any())
+        self.ui.undoButton.enabled = active and session.can_undo()
+        self.ui.redoButton.enabled = active and session.can_redo()
+
+    def onStartDelineation(self) -> None:
+        """A new delineation on the selected CT with the chosen model (weights fetched on first use)."""
+        volumeNode = self._parameterNode.inputVolume if self._parameterNode else None
+        if volumeNode is None or not self._ensurePythonPackages():
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the delineation."), waitCursor=True):
+            self.logic.installTorch()
+            self.logic.startDelineation(volumeNode, backend=self.ui.delineationBackendComboBox.currentText)
+            self._segmentationNodeID = None  # a new segmentation node for each delineation
+            self.ui.delineationStatusLabel.text = _(
+                "Click Add + points, then click on the structure in an axial slice view.")
+        self._updateDelineationButtons()
+        if self._delineating():
+            self.ui.positivePointButton.checked = True
+
+    def _clickNode(self, positive: bool):
+        """The markups node that receives positive (or negative) clicks; made on first use."""
+        node = slicer.mrmlScene.GetNodeByID(self._clickNodeIDs.get(positive, ""))
+        if node is None:
+            node = slicer.mrmlScene.AddNewNodeByClass(
+                "vtkMRMLMarkupsFiducialNode", "PRISM-RT + clicks" if positive else "PRISM-RT - clicks")
+            node.CreateDefaultDisplayNodes()
+            node.GetDisplayNode().SetSelectedColor((0.2, 0.9, 0.2) if positive else (0.9, 0.2, 0.2))
+            node.GetDisplayNode().SetPointLabelsVisibility(False)
+            node.SetHideFromEditors(True)
+            self.addObserver(node, node.PointPositionDefinedEvent, self.onClickPlaced)
+            self._clickNodeIDs[positive] = node.GetID()
+        return node
+
+    def onPlacePoints(self, positive: bool, on: bool) -> None:
+        """Toggle placing positive (or negative) clicks in the slice views; the two modes exclude each other."""
+        other = self.ui.negativePointButton if positive else self.ui.positivePointButton
+        if not on:
+            if not other.checked:
+                self._stopPlacing()
+            return
+        if other.checked:
+            wasBlocked = other.blockSignals(True)
+            other.checked = False
+            other.blockSignals(wasBlocked)
+        node = self._clickNode(positive)
+        selectionNode = slicer.app.applicationLogic().GetSelectionNode()
+        selectionNode.SetReferenceActivePlaceNodeClassName("vtkMRMLMarkupsFiducialNode")
+        selectionNode.SetActivePlaceNodeID(node.GetID())
+        interactionNode = slicer.app.applicationLogic().GetInteractionNode()
+        interactionNode.SetPlaceModePersistence(1)
+        interactionNode.SetCurrentInteractionMode(interactionNode.Place)
+
+    def _stopPlacing(self) -> None:
+        app = getattr(slicer, "app", None)
+        if app is not None and app.applicationLogic() is not None:
+            app.applicationLogic().GetInteractionNode().SwitchToViewTransformMode()
+
+    def onClickPlaced(self, caller, event) -> None:
+        """A click was placed: segment its slice now (the markups point is only the click, so it is removed)."""
+        import qt
+
+        positive = caller.GetID() == self._clickNodeIDs.get(True)
+        position = caller.GetNthControlPointPosition(caller.GetNumberOfControlPoints() - 1)
+        # not while the markups node is still handling its own event
+        qt.QTimer.singleShot(0, lambda: self._applyClick(caller, position, positive))
+
+    def _applyClick(self, clickNode, positionRas, positive: bool) -> None:
+        clickNode.RemoveAllControlPoints()
+        if not self._delineating():
+            return
+        with slicer.util.tryWithErrorDisplay(_("The click could not be used."), waitCursor=True):
+            result = self.logic.addDelineationPoint(positionRas, positive=positive)
+            self._writeSegment()
+            self.ui.delineationStatusLabel.text = _(
+                "Slice {index}: predicted IoU {score:.2f}, {area:.1f} cm\u00b2. Click more on any slice, or "
+                "Propagate to 3D.").format(index=result.index, score=result.score, area=result.area_mm2 / 100.0)
+        self._updateDelineationButtons()
+
+    def _writeSegment(self) -> None:
+        """The delineation's 3D mask into its segment (a segmentation node made for this delineation)."""
+        node = slicer.mrmlScene.GetNodeByID(self._segmentationNodeID or "")
+        if node is None:
+            node = slicer.mrmlScene.AddNewNodeByClass(
+                "vtkMRMLSegmentationNode", f"{self.logic.delineationVolumeNode.GetName()} PRISM-RT")
+            node.CreateDefaultDisplayNodes()
+            self._segmentationNodeID = node.GetID()
+        self.logic.delineationToSegment(node, self.ui.segmentNameLineEdit.text.strip() or "GTV")
+
+    def onPropagate(self) -> None:
+        if not self._delineating():
+            return
+        with slicer.util.tryWithErrorDisplay(_("Propagation failed."), waitCursor=True):
+            session = self.logic.delineation
+            self.logic.propagateDelineation(progress=lambda index: slicer.app.processEvents())
+            self._writeSegment()
+            slices = int(np.count_nonzero(session.mask.any(axis=(1, 2))))
+            volumeCm3 = float(np.count_nonzero(session.mask)) * float(np.prod(session.image.GetSpacing())) / 1000.0
+            self.ui.delineationStatusLabel.text = _(
+                "{volume:.1f} cm\u00b3 on {slices} slices. Click on any slice to correct it, then propagate "
+                "again.").format(volume=volumeCm3, slices=slices)
+        self._updateDelineationButtons()
+
+    def onHistory(self, undo: bool) -> None:
+        if not self._delineating():
+            return
+        with slicer.util.tryWithErrorDisplay(_("Undo failed.") if undo else _("Redo failed."), waitCursor=True):
+            name = self.logic.undoDelineation() if undo else self.logic.redoDelineation()
+            self._writeSegment()
+            self.ui.delineationStatusLabel.text = (_("Undone: {step}.") if undo else _("Redone: {step}.")).format(
+                step=name)
+        self._updateDelineationButtons()
 
     def onWindowPresetActivated(self, index: int) -> None:
         """Apply the preset the user chose to the selected volume and remember it in the parameter node."""
@@ -664,6 +808,8 @@ class PRISMRTTest(ScriptedLoadableModuleTest):
         self.test_CheckVolume()
         self.setUp()
         self.test_WindowPreset()
+        self.setUp()
+        self.test_Delineation()
 
     @staticmethod
     def _syntheticCT():
@@ -732,3 +878,23 @@ class PRISMRTTest(ScriptedLoadableModuleTest):
         with self.assertRaises(ValueError):
             logic.applyWindowPreset(volumeNode, "no-such-preset")
         self.delayDisplay("Window preset test passed")
+
+    def test_Delineation(self):
+        self.delayDisplay("Delineation with the shipped stand-in teachers")
+        logic = PRISMRTLogic()
+        volumeNode = logic.imageToVolumeNode(self._syntheticCT(), "PRISMRTTestCT", scene=slicer.mrmlScene)
+        logic.installTorch()
+        logic.startDelineation(volumeNode, backend="teachers")
+        # a click in the soft tissue of slice k = 20, given in RAS as a markups point would be
+        ijkToRas = _ijkToRasArray(volumeNode)
+        clicks = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "PRISMRTTestClicks")
+        clicks.AddControlPoint((ijkToRas @ np.array([31.0, 45.0, 20.0, 1.0]))[:3])
+        result = logic.addDelineationPoint(clicks.GetNthControlPointPosition(0), positive=True)
+        self.assertEqual(result.index, 20)
+        segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "PRISMRTTestSegments")
+        segmentId = logic.delineationToSegment(segmentationNode, "GTV")
+        self.assertEqual(segmentationNode.GetSegmentation().GetSegment(segmentId).GetName(), "GTV")
+        array = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode)
+        np.testing.assert_array_equal(array != 0, logic.delineation.mask != 0)
+        self.assertEqual(logic.undoDelineation(), "positive click")
+        self.delayDisplay("Delineation test passed")

@@ -35,6 +35,15 @@ EXPECTED_WIDGETS = {
     "checkButton": "QPushButton",
     "checkResultText": "QPlainTextEdit",
     "windowPresetComboBox": "QComboBox",
+    "delineationBackendComboBox": "QComboBox",
+    "segmentNameLineEdit": "QLineEdit",
+    "startDelineationButton": "QPushButton",
+    "positivePointButton": "QPushButton",
+    "negativePointButton": "QPushButton",
+    "propagateButton": "QPushButton",
+    "undoButton": "QPushButton",
+    "redoButton": "QPushButton",
+    "delineationStatusLabel": "QLabel",
 }
 
 
@@ -169,7 +178,19 @@ def test_widget_settings(panel):
     assert not panel.findChild(QtWidgets.QComboBox, "windowPresetComboBox").isEnabled()
 
     titles = [b.title() for b in panel.findChildren(ctkCollapsibleButton)]
-    assert titles == ["Input", "Volume check", "Display"]
+    assert titles == ["Input", "Volume check", "Display", "Delineation"]
+
+    # delineation: the backends PRISMRTLib knows, the click modes are toggles, all off until a volume is chosen
+    backends = panel.findChild(QtWidgets.QComboBox, "delineationBackendComboBox")
+    from PRISMRTLib.features import BACKENDS
+
+    items = [backends.itemText(i) for i in range(backends.count())]
+    assert sorted(items) == sorted(BACKENDS) and items[0] == "teachers"  # the default: its stand-in weights ship
+    for name in ("positivePointButton", "negativePointButton"):
+        assert panel.findChild(QtWidgets.QPushButton, name).isCheckable()
+    for name in ("startDelineationButton", "positivePointButton", "negativePointButton", "propagateButton",
+                 "undoButton", "redoButton"):
+        assert not panel.findChild(QtWidgets.QPushButton, name).isEnabled()
 
 
 def test_ui_loads_without_unexpected_messages(loaded):
@@ -239,7 +260,9 @@ def test_render_screenshot(panel):
     result.setFont(QtGui.QFontDatabase.systemFont(QtGui.QFontDatabase.FixedFont))  # as PRISMRTWidget.setup does
     result.setPlainText(check_volume(sitk.ReadImage(str(sample))).to_text())
 
-    panel.resize(520, 470)
+    panel.findChild(QtWidgets.QPushButton, "startDelineationButton").setEnabled(True)  # a volume is selected
+
+    panel.resize(520, 640)
     SCREENSHOT_DIR.mkdir(exist_ok=True)
     path = SCREENSHOT_DIR / "PRISMRT-panel-offscreen.png"
     assert panel.grab().save(str(path))
