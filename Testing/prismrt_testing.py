@@ -125,3 +125,27 @@ def OracleBackend():
             return SliceFeatures(emb, z, emb, z, emb, z, letterbox=box)
 
     return _Oracle()
+
+
+def slicer_core_or_skip():
+    """``import slicer`` from slicer-core (the MRML library of Slicer, from PyPI), or skip the calling test module:
+    another, unrelated PyPI package is also named ``slicer``."""
+    import pytest
+
+    slicer = pytest.importorskip(
+        "slicer", reason="slicer-core is not installed (pip install slicer-core): it runs the module's MRML logic"
+    )
+    if not hasattr(slicer, "vtkMRMLScene"):
+        pytest.skip(f"the installed 'slicer' package ({getattr(slicer, '__file__', '?')}) is not slicer-core",
+                    allow_module_level=True)
+    return slicer
+
+
+def ptv_phantom():
+    """The real PTV70 of OpenKBP pt_226 as a bright object (200 HU) in a dark volume (-1000 HU) on the real CT grid
+    (direction z = -1, 3.9 x 3.9 x 2.5 mm): (image, PTV70 as a (k, j, i) bool array)."""
+    ct = sitk.ReadImage(str(SAMPLE_DIR / "ct.nii.gz"))
+    ptv = sitk.GetArrayFromImage(sitk.ReadImage(str(SAMPLE_DIR / "PTV70.nii.gz"))) > 0
+    image = sitk.GetImageFromArray(np.where(ptv, 200, -1000).astype(np.int16))
+    image.CopyInformation(ct)
+    return image, ptv

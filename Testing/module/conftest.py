@@ -23,12 +23,9 @@ if str(REPO) not in sys.path:
 
 def import_slicer_core():
     """``import slicer`` from slicer-core, or skip (another PyPI package, unrelated, is also named slicer)."""
-    slicer = pytest.importorskip(
-        "slicer", reason="slicer-core is not installed (pip install slicer-core): it runs the module's MRML logic"
-    )
-    if not hasattr(slicer, "vtkMRMLScene"):
-        pytest.skip(f"the installed 'slicer' package ({getattr(slicer, '__file__', '?')}) is not slicer-core")
-    return slicer
+    from prismrt_testing import slicer_core_or_skip
+
+    return slicer_core_or_skip()
 
 
 @pytest.fixture(scope="session")

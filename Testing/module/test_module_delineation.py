@@ -11,29 +11,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-slicer = pytest.importorskip(
-    "slicer", reason="slicer-core is not installed (pip install slicer-core): it runs the module's MRML logic"
-)
-if not hasattr(slicer, "vtkMRMLScene"):  # an unrelated PyPI package is also named "slicer"
-    pytest.skip(f"the installed 'slicer' package ({getattr(slicer, '__file__', '?')}) is not slicer-core",
-                allow_module_level=True)
-sitk = pytest.importorskip("SimpleITK")
+from prismrt_testing import OracleBackend, ptv_phantom, slicer_core_or_skip
+
+slicer = slicer_core_or_skip()
 
 import vtk  # noqa: E402  (comes with slicer-core)
 from vtk.util import numpy_support  # noqa: E402
 
 from PRISMRTLib.errors import GeometryError, PrismRTError  # noqa: E402
 from PRISMRTLib.segmentation import interior_point  # noqa: E402
-from prismrt_testing import SAMPLE_DIR, OracleBackend  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def phantom():
-    ct = sitk.ReadImage(str(SAMPLE_DIR / "ct.nii.gz"))
-    ptv = sitk.GetArrayFromImage(sitk.ReadImage(str(SAMPLE_DIR / "PTV70.nii.gz"))) > 0
-    image = sitk.GetImageFromArray(np.where(ptv, 200, -1000).astype(np.int16))
-    image.CopyInformation(ct)
-    return image, ptv
+    return ptv_phantom()
 
 
 @pytest.fixture

@@ -13,12 +13,9 @@ import sys
 import numpy as np
 import pytest
 
-slicer = pytest.importorskip(
-    "slicer", reason="slicer-core is not installed (pip install slicer-core): it runs the module's MRML logic"
-)
-if not hasattr(slicer, "vtkMRMLScene"):  # an unrelated PyPI package is also named "slicer"
-    pytest.skip(f"the installed 'slicer' package ({getattr(slicer, '__file__', '?')}) is not slicer-core",
-                allow_module_level=True)
+from prismrt_testing import slicer_core_or_skip
+
+slicer = slicer_core_or_skip()
 sitk = pytest.importorskip("SimpleITK")
 
 import vtk  # noqa: E402  (comes with slicer-core)

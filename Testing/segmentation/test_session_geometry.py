@@ -14,17 +14,13 @@ import SimpleITK as sitk
 from PRISMRTLib.errors import GeometryError, PrismRTError
 from PRISMRTLib.imaging import Geometry, SlicePlane
 from PRISMRTLib.segmentation import CrossViewGuide, SegmentationSession, interior_point
-from prismrt_testing import SAMPLE_DIR, OracleBackend
+from prismrt_testing import OracleBackend, ptv_phantom
 
 
 @pytest.fixture(scope="module")
 def phantom():
     """The real PTV70 of OpenKBP pt_226 as a bright object in a dark volume on the real CT grid."""
-    ct = sitk.ReadImage(str(SAMPLE_DIR / "ct.nii.gz"))
-    ptv = sitk.GetArrayFromImage(sitk.ReadImage(str(SAMPLE_DIR / "PTV70.nii.gz"))) > 0
-    image = sitk.GetImageFromArray(np.where(ptv, 200, -1000).astype(np.int16))
-    image.CopyInformation(ct)
-    return image, ptv
+    return ptv_phantom()
 
 
 def _largest_slice(session, ptv):
