@@ -230,8 +230,9 @@ def imageToVolumeNode(image, name: str | None = None, scene=None, volumeNode=Non
 
 def maskToSegment(maskImage, segmentationNode, segmentName: str, color=(0.9, 0.2, 0.2)) -> str:
     """Write a binary mask (a 3D SimpleITK image in LPS, non-zero = inside) into ``segmentationNode`` as the segment
-    named ``segmentName``, voxel for voxel on the mask's own grid; a segment of that name is replaced (same ID, name
-    and colour), otherwise added with ``color``. Returns the segment's ID."""
+    named ``segmentName``, voxel for voxel on the mask's own grid; a segment of that name has its labelmap replaced
+    in place (ID, colour, display settings and order kept), otherwise one is added with ``color``. Returns the
+    segment's ID."""
     import SimpleITK as sitk
     from vtk.util import numpy_support
 
@@ -244,12 +245,13 @@ def maskToSegment(maskImage, segmentationNode, segmentName: str, color=(0.9, 0.2
     numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars())[:] = (np.asarray(array) != 0).ravel()
     labelmap.SetImageToWorldMatrix(_imageIjkToRasMatrix(maskImage))
 
-    segmentation = segmentationNode.GetSegmentation()
-    segmentId = segmentation.GetSegmentIdBySegmentName(segmentName)
-    if segmentId:
-        color = segmentation.GetSegment(segmentId).GetColor()
-        segmentation.RemoveSegment(segmentId)
-    return segmentationNode.AddSegmentFromBinaryLabelmapRepresentation(labelmap, segmentName, color, segmentId or "")
+    segmentId = segmentationNode.GetSegmentation().GetSegmentIdBySegmentName(segmentName)
+    if not segmentId:
+        return segmentationNode.AddSegmentFromBinaryLabelmapRepresentation(labelmap, segmentName, color)
+    modes = slicer.vtkSlicerSegmentationsModuleLogic
+    if not modes.SetBinaryLabelmapToSegment(labelmap, segmentationNode, segmentId, modes.MODE_REPLACE):
+        raise RuntimeError(f"the mask could not be written into the segment '{segmentName}'")
+    return segmentId
 
 
 def windowPresetNames() -> list:
@@ -552,6 +554,9 @@ class PRISMRTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             node.GetDisplayNode().SetSelectedColor((0.2, 0.9, 0.2) if positive else (0.9, 0.2, 0.2))
             node.GetDisplayNode().SetPointLabelsVisibility(False)
             node.SetHideFromEditors(True)
+            # clicks belong on slices: the 3D view would put them on a surface or the camera plane
+            sliceViews = [n.GetID() for n in slicer.util.getNodesByClass("vtkMRMLSliceNode")]
+            node.GetDisplayNode().SetViewNodeIDs(sliceViews)
             self.addObserver(node, node.PointPositionDefinedEvent, self.onClickPlaced)
             self._clickNodeIDs[positive] = node.GetID()
         return node
@@ -572,20 +577,42 @@ class PRISMRTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         selectionNode.SetReferenceActivePlaceNodeClassName("vtkMRMLMarkupsFiducialNode")
         selectionNode.SetActivePlaceNodeID(node.GetID())
         interactionNode = slicer.app.applicationLogic().GetInteractionNode()
+        if not self.hasObserver(interactionNode, interactionNode.InteractionModeChangedEvent, self.onInteractionMode):
+            self.addObserver(interactionNode, interactionNode.InteractionModeChangedEvent, self.onInteractionMode)
         interactionNode.SetPlaceModePersistence(1)
         interactionNode.SetCurrentInteractionMode(interactionNode.Place)
+
+    def onInteractionMode(self, caller, event) -> None:
+        """Place mode ended in the views (right-click, Escape, the toolbar): release the click buttons."""
+        if caller.GetCurrentInteractionMode() == caller.Place:
+            return
+        for button in (self.ui.positivePointButton, self.ui.negativePointButton):
+            wasBlocked = button.blockSignals(True)
+            button.checked = False
+            button.blockSignals(wasBlocked)
+        self._releaseClickNodes()
+
+    def _releaseClickNodes(self) -> None:
+        """So that Slicer's own point placing does not add to (and delineate with) our click nodes."""
+        selectionNode = slicer.app.applicationLogic().GetSelectionNode()
+        if selectionNode.GetActivePlaceNodeID() in self._clickNodeIDs.values():
+            selectionNode.SetActivePlaceNodeID("")
 
     def _stopPlacing(self) -> None:
         app = getattr(slicer, "app", None)
         if app is not None and app.applicationLogic() is not None:
             app.applicationLogic().GetInteractionNode().SwitchToViewTransformMode()
+            self._releaseClickNodes()
 
     def onClickPlaced(self, caller, event) -> None:
         """A click was placed: segment its slice now (the markups point is only the click, so it is removed)."""
         import qt
 
         positive = caller.GetID() == self._clickNodeIDs.get(True)
-        position = caller.GetNthControlPointPosition(caller.GetNumberOfControlPoints() - 1)
+        button = self.ui.positivePointButton if positive else self.ui.negativePointButton
+        if not button.checked:  # not one of our clicks
+            return
+        position = caller.GetNthControlPointPositionWorld(caller.GetNumberOfControlPoints() - 1)
         # not while the markups node is still handling its own event
         qt.QTimer.singleShot(0, lambda: self._applyClick(caller, position, positive))
 
@@ -699,6 +726,10 @@ class PRISMRTLogic(ScriptedLoadableModuleLogic):
         name ("teachers" or "prismrt", weights fetched on first use; ``model``: a manifest name or a bundle folder)
         or a ready FeatureBackend. Returns PRISMRTLib's SegmentationSession (also kept as ``self.delineation``)."""
         segmentation = importPRISMRTLib("PRISMRTLib.segmentation")
+        if volumeNode is not None and volumeNode.GetParentTransformNode() is not None:
+            raise importPRISMRTLib("PRISMRTLib.errors").PrismRTError(
+                f"the volume '{volumeNode.GetName()}' is under a transform: harden it (Transforms module, Harden "
+                "transform) or remove it, then start the delineation again")
         image = volumeNodeToImage(volumeNode)
         if isinstance(backend, str):
             backend = importPRISMRTLib("PRISMRTLib.features").open_backend(backend, model, device)
@@ -714,8 +745,9 @@ class PRISMRTLogic(ScriptedLoadableModuleLogic):
         return session
 
     def addDelineationPoint(self, pointRas, positive: bool = True):
-        """A click at a RAS point (positive: include, negative: exclude) on the slice that holds it; returns the
-        slice's result (index, mask, predicted IoU, area)."""
+        """A click at a RAS point in world coordinates (positive: include, negative: exclude) on the slice that holds
+        it; returns the slice's result (index, mask, predicted IoU, area). The delineated volume has no transform
+        (:meth:`startDelineation` refuses one), so its RAS is the world's."""
         pointLps = _RAS_LPS_FLIP @ np.asarray(pointRas, dtype=float)[:3]
         return self._session().add_point(pointLps, positive=positive)
 

@@ -91,12 +91,17 @@ def test_propagation_and_undo_replace_the_segment_in_place(phantom, delineation,
     logic.addDelineationPoint(ras)
     segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "PRISM-RT")
     segment_id = logic.delineationToSegment(segmentation_node, "GTV")
-    color = segmentation_node.GetSegmentation().GetSegment(segment_id).GetColor()
+    segmentation = segmentation_node.GetSegmentation()
+    color = segmentation.GetSegment(segment_id).GetColor()
+    other = segmentation.AddEmptySegment("", "Parotid")  # the user's own segment, after ours
+    segmentation_node.CreateDefaultDisplayNodes()
+    segmentation_node.GetDisplayNode().SetSegmentOpacity3D(segment_id, 0.4)
     logic.propagateDelineation(min_area_mm2=1.0, min_overlap=0.0, cross_views=False)
     assert logic.delineationToSegment(segmentation_node, "GTV") == segment_id
-    segmentation = segmentation_node.GetSegmentation()
-    assert segmentation.GetNumberOfSegments() == 1
+    # updated in place: same place in the list, colour and display settings; the other segment untouched
+    assert [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())] == [segment_id, other]
     assert segmentation.GetSegment(segment_id).GetColor() == color
+    assert segmentation_node.GetDisplayNode().GetSegmentOpacity3D(segment_id) == pytest.approx(0.4)
     grid = _ijk_to_ras(volume)
     assert _dice(_segment_array(segmentation_node, segment_id, ptv.shape, grid), ptv) > 0.95
     assert logic.undoDelineation() == "propagate"
@@ -115,3 +120,13 @@ def test_clear_errors_without_a_delineation_and_outside_the_volume(delineation, 
         fresh.addDelineationPoint(ras)
     with pytest.raises(PrismRTError, match="start a delineation first"):
         fresh.propagateDelineation()
+
+
+def test_a_transformed_volume_is_refused_with_what_to_do(phantom, scene, logic):
+    image, _ = phantom
+    volume = logic.imageToVolumeNode(image, name="CT", scene=scene)
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "shift")
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    with pytest.raises(PrismRTError, match="under a transform: harden it"):
+        logic.startDelineation(volume, backend=OracleBackend())
+    assert logic.delineation is None
