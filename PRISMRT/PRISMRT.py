@@ -442,6 +442,9 @@ class PRISMRTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGUIFromParameterNode)
         self._updateGUIFromParameterNode()
 
+    def _selectedVolume(self):
+        return self._parameterNode.inputVolume if self._parameterNode else None
+
     def _populateWindowPresets(self) -> None:
         comboBox = self.ui.windowPresetComboBox
         if comboBox.count > 0:
@@ -458,7 +461,7 @@ class PRISMRTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         comboBox.blockSignals(wasBlocked)
 
     def _updateGUIFromParameterNode(self, caller=None, event=None) -> None:
-        volumeNode = self._parameterNode.inputVolume if self._parameterNode else None
+        volumeNode = self._selectedVolume()
         hasVolume = volumeNode is not None
 
         self.ui.checkButton.enabled = hasVolume
@@ -496,7 +499,7 @@ class PRISMRTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onCheckButton(self) -> None:
         """Convert the selected volume at the module boundary and show PRISMRTLib's check result."""
-        volumeNode = self._parameterNode.inputVolume if self._parameterNode else None
+        volumeNode = self._selectedVolume()
         if volumeNode is None or not self._ensurePythonPackages():
             return
         errors = importPRISMRTLib("PRISMRTLib.errors")
@@ -512,12 +515,12 @@ class PRISMRTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _delineating(self) -> bool:
         """A delineation is in progress on the selected volume."""
-        volumeNode = self._parameterNode.inputVolume if self._parameterNode else None
+        volumeNode = self._selectedVolume()
         return self.logic.delineation is not None and volumeNode is not None and \
             self.logic.delineationVolumeNode is volumeNode
 
     def _updateDelineationButtons(self) -> None:
-        volumeNode = self._parameterNode.inputVolume if self._parameterNode else None
+        volumeNode = self._selectedVolume()
         active = self._delineating()
         session = self.logic.delineation if active else None
         self.ui.startDelineationButton.enabled = volumeNode is not None
@@ -531,7 +534,7 @@ class PRISMRTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onStartDelineation(self) -> None:
         """A new delineation on the selected CT with the chosen model (weights fetched on first use)."""
-        volumeNode = self._parameterNode.inputVolume if self._parameterNode else None
+        volumeNode = self._selectedVolume()
         if volumeNode is None or not self._ensurePythonPackages():
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to start the delineation."), waitCursor=True):

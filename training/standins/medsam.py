@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from segment_anything.modeling import Sam
 
-from PRISMRTLib.imaging import Orientation, SlicePlane
+from PRISMRTLib.imaging import Letterbox, Orientation, SlicePlane
 from PRISMRTLib.imaging.intensity import Window
 from PRISMRTLib.models.medsam import MEDSAM_PRESETS, MedSAMConfig, build_medsam, medsam_input
 from training.data import STRUCTURES, CTCase, SliceSampler, augment_window, cut_slice, load_cases
@@ -322,14 +322,15 @@ def zoom_window(mask: np.ndarray, rng: np.random.Generator, expand=(1.4, 3.0), m
 
 
 def zoom_crop(image: np.ndarray, masks: list[np.ndarray], rng: np.random.Generator):
-    """Crop image and masks to :func:`zoom_window` of the first mask and enlarge them to the full size (bilinear;
-    masks by area fraction > 0.5). A mask the crop leaves below MIN_PIXELS is replaced by the first one."""
+    """Crop image and masks to :func:`zoom_window` of the first mask and enlarge them to the full size (linear, on
+    the letterbox's half-pixel grid; masks by area fraction > 0.5). A mask the crop leaves below MIN_PIXELS is
+    replaced by the first one."""
     size = image.shape[0]
     r0, c0, side = zoom_window(masks[0], rng)
+    box = Letterbox.fit((side, side), out_size=size)
 
     def enlarge(a: np.ndarray) -> np.ndarray:
-        t = torch.from_numpy(np.ascontiguousarray(a[r0:r0 + side, c0:c0 + side], np.float32))[None, None]
-        return F.interpolate(t, (size, size), mode="bilinear", align_corners=False)[0, 0].numpy()
+        return box.resize_to_model(a[r0:r0 + side, c0:c0 + side].astype(np.float32))
 
     zoomed = [enlarge(m) > 0.5 for m in masks]
     zoomed = [z if z.sum() >= MIN_PIXELS else zoomed[0] for z in zoomed]
@@ -472,8 +473,8 @@ def train(out_dir, steps: int, seed: int = 0, batch_size: int = 8, threads: int 
           train_dir=TRAIN_DIR, log_every: int = 10, ckpt_every: int = 100, *, config="standin", cases=None,
           limit: int | None = None, stop_at: int | None = None, lr: float = 5e-4, iterations: int = 4,
           p_box: float = 0.5, p_propagate: float = 0.25, end_share: float = 0.0, init_from=None,
-          focus=(), focus_share: float = 0.0, zoom_share: float = 0.0, prompts_per_image: int = 2, axial_share: float = 0.5, device: str = "cpu",
-          verbose: bool = True) -> Sam:
+          focus=(), focus_share: float = 0.0, zoom_share: float = 0.0, prompts_per_image: int = 2,
+          axial_share: float = 0.5, device: str = "cpu", verbose: bool = True) -> Sam:
     """Train the MedSAM-like stand-in; returns the model (weights also saved in ``out_dir``).
 
     ``out_dir`` gets ``checkpoint.pt`` every ``ckpt_every`` steps (model, optimizer, step, log; resumed from when
