@@ -351,6 +351,9 @@ class PRISMRTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._checkedVolumeID = None
         self._clickNodeIDs = {}  # True (positive) / False (negative) -> ID of the markups node that takes clicks
         self._segmentationNodeID = None
+        self._prefetchCenterRas = None  # the point whose slice and neighbours are prefetched while idle
+        self._slowPrefetches = 0
+        self._propagating = False  # the propagation processes events: no prefetch in between its slices
 
     def setup(self) -> None:
         """Called when the user opens the module the first time and the widget is initialized."""
@@ -386,6 +389,15 @@ class PRISMRTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.undoButton.connect("clicked(bool)", lambda: self.onHistory(undo=True))
         self.ui.redoButton.connect("clicked(bool)", lambda: self.onHistory(undo=False))
 
+        # Idle prefetch (see _prefetchStep): a pause after the view moves, then one slice per tick.
+        self._prefetchDelayTimer = qt.QTimer()
+        self._prefetchDelayTimer.setSingleShot(True)
+        self._prefetchDelayTimer.setInterval(self.PREFETCH_DELAY_MS)
+        self._prefetchDelayTimer.connect("timeout()", lambda: self._prefetchTimer.start())
+        self._prefetchTimer = qt.QTimer()
+        self._prefetchTimer.setInterval(self.PREFETCH_TICK_MS)
+        self._prefetchTimer.connect("timeout()", self._prefetchStep)
+
         self._populateWindowPresets()
 
         # Make sure parameter node is initialized (needed for module reload)
@@ -394,6 +406,7 @@ class PRISMRTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         """Called when the application closes and the module widget is destroyed."""
         self._stopPlacing()
+        self._stopPrefetch()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -410,6 +423,7 @@ class PRISMRTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneStartClose(self, caller, event) -> None:
         """Called just before the scene is closed."""
         self._stopPlacing()
+        self._stopPrefetch()
         self.logic.delineation = None
         self._clickNodeIDs, self._segmentationNodeID = {}, None
         self.setParameterNode(None)
@@ -546,6 +560,9 @@ class PRISMRTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateDelineationButtons()
         if self._delineating():
             self.ui.positivePointButton.checked = True
+            self._slowPrefetches = 0
+            self._observeSliceViews()
+            self._schedulePrefetch(self._viewedSliceRas())
 
     def _clickNode(self, positive: bool):
         """The markups node that receives positive (or negative) clicks; made on first use."""
@@ -623,6 +640,7 @@ class PRISMRTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         clickNode.RemoveAllControlPoints()
         if not self._delineating():
             return
+        self._stopPrefetch()
         with slicer.util.tryWithErrorDisplay(_("The click could not be used."), waitCursor=True):
             result = self.logic.addDelineationPoint(positionRas, positive=positive)
             self._writeSegment()
@@ -630,6 +648,7 @@ class PRISMRTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 "Slice {index}: predicted IoU {score:.2f}, {area:.1f} cm\u00b2. Click more on any slice, or "
                 "Propagate to 3D.").format(index=result.index, score=result.score, area=result.area_mm2 / 100.0)
         self._updateDelineationButtons()
+        self._schedulePrefetch(positionRas)  # its neighbours, for the next clicks and the propagation
 
     def _writeSegment(self) -> None:
         """The delineation's 3D mask into its segment (a segmentation node made for this delineation)."""
@@ -641,12 +660,85 @@ class PRISMRTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._segmentationNodeID = node.GetID()
         self.logic.delineationToSegment(node, self.ui.segmentNameLineEdit.text.strip() or "GTV")
 
+    # Idle prefetch: while the user looks at a slice, the features of it and its neighbours are computed, one slice per
+    # timer tick, so that a click there runs only the mask decoder. It runs on Slicer's main thread, between events, so
+    # it never overlaps a click or a propagation (the session is not thread-safe for those); a model slower than
+    # PREFETCH_MAX_SECONDS per slice (the full-size MedSAM on a CPU) would then make the views stutter, so prefetching
+    # stops for this delineation and features are computed on click.
+
+    PREFETCH_RADIUS = 2
+    PREFETCH_DELAY_MS = 300
+    PREFETCH_TICK_MS = 10
+    PREFETCH_MAX_SECONDS = 0.25
+
+    def _delineationSliceNodes(self) -> list:
+        """The slice views that show the delineated orientation (where clicks go)."""
+        orientation = self.logic.delineation.plane.orientation.value.lower()
+        return [n for n in slicer.util.getNodesByClass("vtkMRMLSliceNode")
+                if n.GetOrientation().lower() == orientation]
+
+    def _observeSliceViews(self) -> None:
+        for sliceNode in self._delineationSliceNodes():
+            if not self.hasObserver(sliceNode, vtk.vtkCommand.ModifiedEvent, self.onSliceViewModified):
+                self.addObserver(sliceNode, vtk.vtkCommand.ModifiedEvent, self.onSliceViewModified)
+
+    def _viewedSliceRas(self, sliceNode=None):
+        """The centre of a slice view (on its slice plane), RAS."""
+        nodes = [sliceNode] if sliceNode is not None else self._delineationSliceNodes()
+        if not nodes:
+            return None
+        sliceToRas = nodes[0].GetSliceToRAS()
+        return [sliceToRas.GetElement(row, 3) for row in range(3)]
+
+    def onSliceViewModified(self, caller, event) -> None:
+        if self._delineating():
+            self._schedulePrefetch(self._viewedSliceRas(caller))
+
+    def _schedulePrefetch(self, centerRas) -> None:
+        """Prefetch around ``centerRas`` once the view has been still for PREFETCH_DELAY_MS."""
+        self._prefetchTimer.stop()
+        if centerRas is None or self._slowPrefetches >= 2:
+            return
+        self._prefetchCenterRas = centerRas
+        self._prefetchDelayTimer.start()
+
+    def _stopPrefetch(self) -> None:
+        for timer in (getattr(self, "_prefetchDelayTimer", None), getattr(self, "_prefetchTimer", None)):
+            if timer is not None:
+                timer.stop()
+
+    def _prefetchStep(self) -> None:
+        import time
+
+        if not self._delineating() or self._prefetchCenterRas is None or self._propagating:
+            self._stopPrefetch()
+            return
+        start = time.perf_counter()
+        try:
+            index = self.logic.prefetchDelineation(self._prefetchCenterRas, self.PREFETCH_RADIUS)
+        except Exception:  # ahead-of-time work only: the click that needs the slice reports any error itself
+            logging.exception("PRISM-RT: prefetching slice features failed")
+            index = None
+        if index is None:
+            self._prefetchTimer.stop()
+            return
+        # two slow slices in a row (the first may include the model's warm-up) end it for this delineation
+        self._slowPrefetches = self._slowPrefetches + 1 if time.perf_counter() - start > self.PREFETCH_MAX_SECONDS \
+            else 0
+        if self._slowPrefetches >= 2:
+            self._prefetchTimer.stop()
+
     def onPropagate(self) -> None:
         if not self._delineating():
             return
+        self._stopPrefetch()
         with slicer.util.tryWithErrorDisplay(_("Propagation failed."), waitCursor=True):
             session = self.logic.delineation
-            self.logic.propagateDelineation(progress=lambda index: slicer.app.processEvents())
+            self._propagating = True
+            try:
+                self.logic.propagateDelineation(progress=lambda index: slicer.app.processEvents())
+            finally:
+                self._propagating = False
             self._writeSegment()
             slices = int(np.count_nonzero(session.mask.any(axis=(1, 2))))
             volumeCm3 = float(np.count_nonzero(session.mask)) * float(np.prod(session.image.GetSpacing())) / 1000.0
@@ -753,6 +845,21 @@ class PRISMRTLogic(ScriptedLoadableModuleLogic):
         (:meth:`startDelineation` refuses one), so its RAS is the world's."""
         pointLps = _RAS_LPS_FLIP @ np.asarray(pointRas, dtype=float)[:3]
         return self._session().add_point(pointLps, positive=positive)
+
+    def prefetchDelineation(self, pointRas, radius: int = 2):
+        """Compute the features of one not yet computed slice near the delineated slice that holds ``pointRas`` (world
+        RAS), so that a click there runs only the mask decoder; call it again for the next. Returns the slice index
+        computed, or None when all within ``radius`` are computed, the point is outside the volume or no
+        delineation is in progress (prefetching is only ever ahead of time, never an error)."""
+        session = self.delineation
+        if session is None:
+            return None
+        pointLps = _RAS_LPS_FLIP @ np.asarray(pointRas, dtype=float)[:3]
+        try:
+            index = session.locate(pointLps)[0]
+        except importPRISMRTLib("PRISMRTLib.errors").GeometryError:
+            return None
+        return session.prefetch_next(index, radius)
 
     def propagateDelineation(self, **options):
         """Propagate the drawn slices into 3D (options: PRISMRTLib's ``SegmentationSession.propagate``)."""
@@ -924,6 +1031,8 @@ class PRISMRTTest(ScriptedLoadableModuleTest):
         ijkToRas = _ijkToRasArray(volumeNode)
         clicks = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "PRISMRTTestClicks")
         clicks.AddControlPoint((ijkToRas @ np.array([31.0, 45.0, 20.0, 1.0]))[:3])
+        # what the panel does while the user looks at slice 20: its features first, one slice per call
+        self.assertEqual(logic.prefetchDelineation(clicks.GetNthControlPointPosition(0)), 20)
         result = logic.addDelineationPoint(clicks.GetNthControlPointPosition(0), positive=True)
         self.assertEqual(result.index, 20)
         segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "PRISMRTTestSegments")

@@ -142,12 +142,22 @@ class SegmentationSession:
                 self._cache.popitem(last=False)
         return features
 
-    def prefetch(self, index: int, radius: int = 2) -> None:
-        """Compute features of the slices around ``index`` (nearest first) that are not cached yet."""
+    def prefetch_next(self, index: int, radius: int = 2) -> int | None:
+        """Compute the features of the uncached slice nearest to ``index`` within ``radius`` (one slice, so that a
+        caller that must stay responsive, such as a GUI's idle timer, can stop between slices). Returns its index, or
+        None when all are cached. The radius is capped so that the slices fit the cache together."""
+        radius = max(0, min(int(radius), (self._cache_size - 1) // 2))
         for offset in sorted(range(-radius, radius + 1), key=abs):
             i = index + offset
             if 0 <= i < self.plane.num_slices and (self.plane.orientation, i) not in self._cache:
                 self.features(i)
+                return i
+        return None
+
+    def prefetch(self, index: int, radius: int = 2) -> None:
+        """Compute features of the slices around ``index`` (nearest first) that are not cached yet."""
+        while self.prefetch_next(index, radius) is not None:
+            pass
 
     # ---- prompts -> mask -----------------------------------------------------------------------------------------
     def locate(self, point_lps) -> tuple[int, float, float]:

@@ -130,3 +130,18 @@ def test_a_transformed_volume_is_refused_with_what_to_do(phantom, scene, logic):
     with pytest.raises(PrismRTError, match="under a transform: harden it"):
         logic.startDelineation(volume, backend=OracleBackend())
     assert logic.delineation is None
+
+
+def test_idle_prefetch_computes_the_viewed_slice_and_its_neighbours_one_at_a_time(delineation, logic, prismrt_module):
+    volume, k, ras = delineation
+    backend = logic.delineation.backend
+    computed = []
+    while (index := logic.prefetchDelineation(ras, radius=2)) is not None:
+        computed.append(index)
+        assert backend.calls == len(computed)  # one slice per call: the panel's timer stays between slices
+    assert computed == [k, k - 1, k + 1, k - 2, k + 2]  # the RAS point's slice first, then nearest first
+    logic.addDelineationPoint(ras)
+    assert backend.calls == 5  # the click ran the decoder only
+    # outside the volume, or with no delineation: nothing to do, and no error (it is only ever ahead of time)
+    assert logic.prefetchDelineation(ras + np.array([0.0, 0.0, 1000.0])) is None
+    assert prismrt_module.PRISMRTLogic().prefetchDelineation(ras) is None
