@@ -254,6 +254,16 @@ def maskToSegment(maskImage, segmentationNode, segmentName: str, color=(0.9, 0.2
     return segmentId
 
 
+def projectOntoSlicePlane(sliceToRas: "vtk.vtkMatrix4x4", pointRas) -> np.ndarray:
+    """``pointRas`` projected onto the plane a slice view shows (``sliceToRas``: its slice node's SliceToRAS, whose
+    third column is the plane's normal and fourth a point on it)."""
+    normal = np.array([sliceToRas.GetElement(row, 2) for row in range(3)])
+    origin = np.array([sliceToRas.GetElement(row, 3) for row in range(3)])
+    normal /= np.linalg.norm(normal)
+    point = np.asarray(pointRas, dtype=float)[:3]
+    return point - normal * float(np.dot(point - origin, normal))
+
+
 def windowPresetNames() -> list:
     """Names of PRISMRTLib's CT window presets, in its order."""
     return list(importPRISMRTLib("PRISMRTLib.imaging").WINDOW_PRESETS)
@@ -352,8 +362,10 @@ class PRISMRTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._clickNodeIDs = {}  # True (positive) / False (negative) -> ID of the markups node that takes clicks
         self._segmentationNodeID = None
         self._prefetchCenterRas = None  # the point whose slice and neighbours are prefetched while idle
+        self._prefetchIndex = None  # and its slice index
         self._slowPrefetches = 0
-        self._propagating = False  # the propagation processes events: no prefetch in between its slices
+        self._propagating = False  # the propagation processes events: nothing else may change the session meanwhile
+        self._cancelPropagation = False
 
     def setup(self) -> None:
         """Called when the user opens the module the first time and the widget is initialized."""
@@ -537,19 +549,24 @@ class PRISMRTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         volumeNode = self._selectedVolume()
         active = self._delineating()
         session = self.logic.delineation if active else None
-        self.ui.startDelineationButton.enabled = volumeNode is not None
+        idle = not self._propagating  # while propagating, only its Cancel button
+        self.ui.startDelineationButton.enabled = volumeNode is not None and idle
         for button in (self.ui.positivePointButton, self.ui.negativePointButton):
-            button.enabled = active
-            if not active and button.checked:
+            button.enabled = active and idle
+            if not button.enabled and button.checked:
                 button.checked = False
-        self.ui.propagateButton.enabled = active and bool(session.mask.any())
-        self.ui.undoButton.enabled = active and session.can_undo()
-        self.ui.redoButton.enabled = active and session.can_redo()
+        self.ui.propagateButton.text = _("Propagate to 3D") if idle else _("Cancel propagation")
+        self.ui.propagateButton.enabled = active and (not idle or bool(session.mask.any()))
+        self.ui.undoButton.enabled = active and idle and session.can_undo()
+        self.ui.redoButton.enabled = active and idle and session.can_redo()
 
     def onStartDelineation(self) -> None:
         """A new delineation on the selected CT with the chosen model (weights fetched on first use)."""
         volumeNode = self._selectedVolume()
-        if volumeNode is None or not self._ensurePythonPackages():
+        if self._propagating or volumeNode is None:
+            return
+        self._stopPrefetch()
+        if not self._ensurePythonPackages():
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to start the delineation."), waitCursor=True):
             self.logic.installTorch()
@@ -560,7 +577,7 @@ class PRISMRTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateDelineationButtons()
         if self._delineating():
             self.ui.positivePointButton.checked = True
-            self._slowPrefetches = 0
+            self._slowPrefetches, self._prefetchIndex = 0, None
             self._observeSliceViews()
             self._schedulePrefetch(self._viewedSliceRas())
 
@@ -638,7 +655,7 @@ class PRISMRTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _applyClick(self, clickNode, positionRas, positive: bool) -> None:
         clickNode.RemoveAllControlPoints()
-        if not self._delineating():
+        if not self._delineating() or self._propagating:
             return
         self._stopPrefetch()
         with slicer.util.tryWithErrorDisplay(_("The click could not be used."), waitCursor=True):
@@ -671,35 +688,43 @@ class PRISMRTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     PREFETCH_TICK_MS = 10
     PREFETCH_MAX_SECONDS = 0.25
 
-    def _delineationSliceNodes(self) -> list:
-        """The slice views that show the delineated orientation (where clicks go)."""
-        orientation = self.logic.delineation.plane.orientation.value.lower()
-        return [n for n in slicer.util.getNodesByClass("vtkMRMLSliceNode")
-                if n.GetOrientation().lower() == orientation]
+    def _isDelineationView(self, sliceNode) -> bool:
+        """The slice view shows the delineated orientation (where clicks go)."""
+        return sliceNode.GetOrientation().lower() == self.logic.delineation.plane.orientation.value
 
     def _observeSliceViews(self) -> None:
-        for sliceNode in self._delineationSliceNodes():
+        for sliceNode in slicer.util.getNodesByClass("vtkMRMLSliceNode"):
             if not self.hasObserver(sliceNode, vtk.vtkCommand.ModifiedEvent, self.onSliceViewModified):
                 self.addObserver(sliceNode, vtk.vtkCommand.ModifiedEvent, self.onSliceViewModified)
 
     def _viewedSliceRas(self, sliceNode=None):
-        """The centre of a slice view (on its slice plane), RAS."""
-        nodes = [sliceNode] if sliceNode is not None else self._delineationSliceNodes()
-        if not nodes:
-            return None
-        sliceToRas = nodes[0].GetSliceToRAS()
-        return [sliceToRas.GetElement(row, 3) for row in range(3)]
+        """A point (RAS) on the slice plane a view shows (default: the first view of the delineated orientation): the
+        CT's centre projected onto it (the plane's own origin is centred on all shown volumes, maybe outside the CT)."""
+        if sliceNode is None:
+            nodes = [n for n in slicer.util.getNodesByClass("vtkMRMLSliceNode") if self._isDelineationView(n)]
+            if not nodes:
+                return None
+            sliceNode = nodes[0]
+        bounds = [0.0] * 6
+        self.logic.delineationVolumeNode.GetRASBounds(bounds)
+        return projectOntoSlicePlane(sliceNode.GetSliceToRAS(), np.array(bounds).reshape(3, 2).mean(axis=1))
 
     def onSliceViewModified(self, caller, event) -> None:
-        if self._delineating():
-            self._schedulePrefetch(self._viewedSliceRas(caller))
+        """A view moved: prefetch around its slice once it rests there (slice nodes are modified by much else, such
+        as hovering, so only a new slice index counts)."""
+        if not self._delineating() or self._propagating or not self._isDelineationView(caller):
+            return
+        pointRas = self._viewedSliceRas(caller)
+        if self.logic.delineationSliceIndex(pointRas) != self._prefetchIndex:
+            self._schedulePrefetch(pointRas)
 
     def _schedulePrefetch(self, centerRas) -> None:
-        """Prefetch around ``centerRas`` once the view has been still for PREFETCH_DELAY_MS."""
+        """Prefetch around the slice of ``centerRas`` once the view has been still for PREFETCH_DELAY_MS."""
         self._prefetchTimer.stop()
         if centerRas is None or self._slowPrefetches >= 2:
             return
         self._prefetchCenterRas = centerRas
+        self._prefetchIndex = self.logic.delineationSliceIndex(centerRas)
         self._prefetchDelayTimer.start()
 
     def _stopPrefetch(self) -> None:
@@ -729,26 +754,49 @@ class PRISMRTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._prefetchTimer.stop()
 
     def onPropagate(self) -> None:
+        """Propagate to 3D; while it runs, the same button cancels it (the session is then as it was)."""
+        if self._propagating:
+            self._cancelPropagation = True
+            return
         if not self._delineating():
             return
         self._stopPrefetch()
-        with slicer.util.tryWithErrorDisplay(_("Propagation failed."), waitCursor=True):
-            session = self.logic.delineation
-            self._propagating = True
-            try:
-                self.logic.propagateDelineation(progress=lambda index: slicer.app.processEvents())
-            finally:
-                self._propagating = False
-            self._writeSegment()
-            slices = int(np.count_nonzero(session.mask.any(axis=(1, 2))))
-            volumeCm3 = float(np.count_nonzero(session.mask)) * float(np.prod(session.image.GetSpacing())) / 1000.0
-            self.ui.delineationStatusLabel.text = _(
-                "{volume:.1f} cm\u00b3 on {slices} slices. Click on any slice to correct it, then propagate "
-                "again.").format(volume=volumeCm3, slices=slices)
+        self._stopPlacing()
+        session = self.logic.delineation
+
+        class Cancelled(Exception):
+            pass
+
+        def progress(index):
+            self.ui.delineationStatusLabel.text = _("Propagating: slice {index}...").format(index=index)
+            slicer.app.processEvents()  # keeps the views and the Cancel button alive
+            if self._cancelPropagation or self.logic.delineation is not session:  # cancelled, or scene closed
+                raise Cancelled
+
+        self._propagating, self._cancelPropagation = True, False
         self._updateDelineationButtons()
+        try:
+            with slicer.util.tryWithErrorDisplay(_("Propagation failed."), waitCursor=True):
+                try:
+                    self.logic.propagateDelineation(progress=progress)
+                except Cancelled:
+                    self.ui.delineationStatusLabel.text = _("Propagation cancelled; the delineation is as it was.")
+                    return
+                self._writeSegment()
+                slices = int(np.count_nonzero(session.mask.any(axis=(1, 2))))
+                volumeCm3 = float(np.count_nonzero(session.mask)) * float(np.prod(session.image.GetSpacing())) / 1000.0
+                self.ui.delineationStatusLabel.text = _(
+                    "{volume:.1f} cm\u00b3 on {slices} slices. Click on any slice to correct it, then propagate "
+                    "again.").format(volume=volumeCm3, slices=slices)
+        finally:
+            self._propagating = False
+            self._updateDelineationButtons()
+        if self._delineating():
+            self._prefetchIndex = None
+            self._schedulePrefetch(self._viewedSliceRas())
 
     def onHistory(self, undo: bool) -> None:
-        if not self._delineating():
+        if not self._delineating() or self._propagating:
             return
         with slicer.util.tryWithErrorDisplay(_("Undo failed.") if undo else _("Redo failed."), waitCursor=True):
             name = self.logic.undoDelineation() if undo else self.logic.redoDelineation()
@@ -851,15 +899,20 @@ class PRISMRTLogic(ScriptedLoadableModuleLogic):
         RAS), so that a click there runs only the mask decoder; call it again for the next. Returns the slice index
         computed, or None when all within ``radius`` are computed, the point is outside the volume or no
         delineation is in progress (prefetching is only ever ahead of time, never an error)."""
+        index = self.delineationSliceIndex(pointRas)
+        return None if index is None else self.delineation.prefetch_next(index, radius)
+
+    def delineationSliceIndex(self, pointRas):
+        """The index of the delineated slice that holds ``pointRas`` (world RAS), or None when the point is outside the
+        volume or no delineation is in progress."""
         session = self.delineation
-        if session is None:
+        if session is None or pointRas is None:
             return None
         pointLps = _RAS_LPS_FLIP @ np.asarray(pointRas, dtype=float)[:3]
         try:
-            index = session.locate(pointLps)[0]
+            return session.locate(pointLps)[0]
         except importPRISMRTLib("PRISMRTLib.errors").GeometryError:
             return None
-        return session.prefetch_next(index, radius)
 
     def propagateDelineation(self, **options):
         """Propagate the drawn slices into 3D (options: PRISMRTLib's ``SegmentationSession.propagate``)."""

@@ -344,7 +344,8 @@ class SegmentationSession:
         poorer mask should not take the rest of the structure with it (3D Dice after 3 clicks on the 33
         validation patients, clearing -> keeping them: PTV70 0.549 -> 0.569, RightParotid 0.440 -> 0.527, Larynx
         0.550 -> 0.599). Only a slice the user erased ends the structure: what was propagated beyond it is cleared.
-        Returns the 3D mask.
+        ``progress(index)`` is called after each slice; an exception it raises cancels the propagation and leaves
+        the session as it was. Returns the 3D mask.
         """
         seeds = [i for i, s in self._source.items() if s == "clicks" and self.plane.extract(self.mask, i).any()]
         if from_index is None:
@@ -361,40 +362,46 @@ class SegmentationSession:
         margin = int(np.ceil(cross_view_margin_mm / self.plane.slice_thickness - 1e-6))
         # the slices this propagation writes or clears, as they were (for undo)
         step = _Step("propagate", {})
-        for direction in (+1, -1):
-            previous, index, done, erased = seed_mask, from_index + direction, 0, None
-            while 0 <= index < self.plane.num_slices and done < limit:
-                if self._source.get(index) == "clicks":
-                    # a drawn slice is the user's and so is what was propagated beyond it; an erased one ends the
-                    # structure there
-                    erased = None if self.plane.extract(self.mask, index).any() else index
-                    break
-                if guide is not None and not guide.first - margin <= index <= guide.last + margin:
-                    break
-                if index not in step.before:
-                    step.before[index] = self._state(index)
-                r0, c0, r1, c1 = mask_box(previous)
-                prompts = SlicePrompts(points=[interior_point(previous)], labels=[1], box=(r0, c0, r1, c1))
-                mask, score, logits = self._predict(index, prompts, self._mask_prompt(index, previous))
-                area = self._area_mm2(mask)
-                overlap = 2 * np.count_nonzero(mask & previous) / max(1, np.count_nonzero(mask) + np.count_nonzero(previous))
-                if score < min_score or area < min_area_mm2 or overlap < min_overlap:
-                    break
-                self._write(index, mask, logits, "propagated")
-                self.prompts[index] = prompts  # what made this slice (a click here starts from its mask instead)
-                previous = mask
-                index += direction
-                done += 1
-                if progress:
-                    progress(index)
-            # what was propagated beyond a slice the user erased is cleared
-            index = -1 if erased is None else erased + direction
-            while 0 <= index < self.plane.num_slices and self._source.get(index) == "propagated":
-                step.before.setdefault(index, self._state(index))
-                self._write(index, np.zeros(self.plane.slice_shape, bool), None, "propagated")
-                self._source.pop(index, None)
-                self.prompts.pop(index, None)
-                index += direction
+        try:
+            for direction in (+1, -1):
+                previous, index, done, erased = seed_mask, from_index + direction, 0, None
+                while 0 <= index < self.plane.num_slices and done < limit:
+                    if self._source.get(index) == "clicks":
+                        # a drawn slice is the user's and so is what was propagated beyond it; an erased one ends the
+                        # structure there
+                        erased = None if self.plane.extract(self.mask, index).any() else index
+                        break
+                    if guide is not None and not guide.first - margin <= index <= guide.last + margin:
+                        break
+                    if index not in step.before:
+                        step.before[index] = self._state(index)
+                    r0, c0, r1, c1 = mask_box(previous)
+                    prompts = SlicePrompts(points=[interior_point(previous)], labels=[1], box=(r0, c0, r1, c1))
+                    mask, score, logits = self._predict(index, prompts, self._mask_prompt(index, previous))
+                    area = self._area_mm2(mask)
+                    overlap = 2 * np.count_nonzero(mask & previous) / max(
+                        1, np.count_nonzero(mask) + np.count_nonzero(previous))
+                    if score < min_score or area < min_area_mm2 or overlap < min_overlap:
+                        break
+                    self._write(index, mask, logits, "propagated")
+                    self.prompts[index] = prompts  # what made this slice (a click here starts from its mask instead)
+                    previous = mask
+                    index += direction
+                    done += 1
+                    if progress:
+                        progress(index)
+                # what was propagated beyond a slice the user erased is cleared
+                index = -1 if erased is None else erased + direction
+                while 0 <= index < self.plane.num_slices and self._source.get(index) == "propagated":
+                    step.before.setdefault(index, self._state(index))
+                    self._write(index, np.zeros(self.plane.slice_shape, bool), None, "propagated")
+                    self._source.pop(index, None)
+                    self.prompts.pop(index, None)
+                    index += direction
+        except BaseException:  # cancelled through ``progress`` (or failed): the session is as it was
+            for index, state in step.before.items():
+                self._restore(index, state)
+            raise
         self._commit(step)
         return self.result()
 

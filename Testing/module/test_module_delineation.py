@@ -145,3 +145,28 @@ def test_idle_prefetch_computes_the_viewed_slice_and_its_neighbours_one_at_a_tim
     # outside the volume, or with no delineation: nothing to do, and no error (it is only ever ahead of time)
     assert logic.prefetchDelineation(ras + np.array([0.0, 0.0, 1000.0])) is None
     assert prismrt_module.PRISMRTLogic().prefetchDelineation(ras) is None
+
+
+def test_the_viewed_slice_is_found_from_the_slice_view_plane(phantom, delineation, logic, prismrt_module):
+    """The panel prefetches around the slice an axial view shows: the CT's centre projected onto the view's plane
+    (its SliceToRAS), whatever the view's in-plane origin, lies in that slice; a plane outside the CT gives none."""
+    volume, k, ras = delineation
+    bounds = [0.0] * 6
+    volume.GetRASBounds(bounds)
+    centre = np.array(bounds).reshape(3, 2).mean(axis=1)
+    slice_to_ras = vtk.vtkMatrix4x4()  # an axial view (normal S) showing the plane through the click, panned aside
+    for row, value in enumerate((ras[0] + 250.0, ras[1] - 90.0, ras[2])):
+        slice_to_ras.SetElement(row, 3, value)
+    point = prismrt_module.projectOntoSlicePlane(slice_to_ras, centre)
+    np.testing.assert_allclose(point, [centre[0], centre[1], ras[2]])
+    assert logic.delineationSliceIndex(point) == k and logic.delineationSliceIndex(ras) == k
+    tilted = vtk.vtkMatrix4x4()  # a plane tilted about R: its normal (column 2) is (0, -sin, cos)
+    angle = np.radians(20.0)
+    for row, value in enumerate((0.0, -np.sin(angle), np.cos(angle))):
+        tilted.SetElement(row, 2, value)
+    for row, value in enumerate(ras):
+        tilted.SetElement(row, 3, value)
+    projected = prismrt_module.projectOntoSlicePlane(tilted, centre)
+    assert abs(np.dot(projected - ras, [0.0, -np.sin(angle), np.cos(angle)])) < 1e-9  # on the plane
+    below = prismrt_module.projectOntoSlicePlane(slice_to_ras, centre) - np.array([0.0, 0.0, 1000.0])
+    assert logic.delineationSliceIndex(below) is None

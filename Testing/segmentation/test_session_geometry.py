@@ -294,3 +294,30 @@ def test_an_erased_slice_ends_the_propagation_there(phantom):
     assert session.undo() == "propagate"
     np.testing.assert_array_equal(plane.stack_view(session.mask.astype(bool)).any(axis=(1, 2))[cut + 1:],
                                   full[cut + 1:])
+
+
+def test_a_cancelled_propagation_leaves_the_session_as_it_was(phantom):
+    """``progress`` raising (the panel's cancel, or the session replaced while the propagation ran) undoes the slices
+    written so far: the mask, the slices' sources and the history are those before it."""
+    image, ptv = phantom
+    session = SegmentationSession(OracleBackend(), image, "axial", window="soft-tissue")
+    index, stack, point = _largest_slice(session, ptv)
+    session.add_point(point)
+    before, sources = session.mask.copy(), dict(session._source)
+
+    class Cancelled(Exception):
+        pass
+
+    seen = []
+
+    def progress(i):
+        seen.append(i)
+        if len(seen) == 4:
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        session.propagate(min_area_mm2=1.0, min_overlap=0.0, cross_views=False, progress=progress)
+    np.testing.assert_array_equal(session.mask, before)
+    assert session._source == sources and session.can_undo() and not session.can_redo()
+    assert session.undo() == "positive click"  # the propagation left no step behind
+    assert not session.mask.any()
