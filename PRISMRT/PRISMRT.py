@@ -359,7 +359,7 @@ class PRISMRTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._checkedVolumeID = None
-        self._clickNodeIDs = {}  # True (positive) / False (negative) -> ID of the markups node that takes clicks
+        self._clickNodeIDs = {}  # placing kind ("positive", "negative", "box") -> ID of the markups node taking them
         self._segmentationNodeID = None
         self._prefetchCenterRas = None  # the point whose slice and neighbours are prefetched while idle
         self._prefetchIndex = None  # and its slice index
@@ -395,8 +395,11 @@ class PRISMRTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.windowPresetComboBox.connect("activated(int)", self.onWindowPresetActivated)
 
         self.ui.startDelineationButton.connect("clicked(bool)", self.onStartDelineation)
-        self.ui.positivePointButton.connect("toggled(bool)", lambda on: self.onPlacePoints(True, on))
-        self.ui.negativePointButton.connect("toggled(bool)", lambda on: self.onPlacePoints(False, on))
+        # placing kind -> its toggle button; the three modes exclude each other
+        self._placeButtons = {"positive": self.ui.positivePointButton, "negative": self.ui.negativePointButton,
+                              "box": self.ui.boxButton}
+        for kind, button in self._placeButtons.items():
+            button.connect("toggled(bool)", lambda on, kind=kind: self.onPlacePoints(kind, on))
         self.ui.propagateButton.connect("clicked(bool)", self.onPropagate)
         self.ui.undoButton.connect("clicked(bool)", lambda: self.onHistory(undo=True))
         self.ui.redoButton.connect("clicked(bool)", lambda: self.onHistory(undo=False))
@@ -551,7 +554,7 @@ class PRISMRTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         session = self.logic.delineation if active else None
         idle = not self._propagating  # while propagating, only its Cancel button
         self.ui.startDelineationButton.enabled = volumeNode is not None and idle
-        for button in (self.ui.positivePointButton, self.ui.negativePointButton):
+        for button in self._placeButtons.values():
             button.enabled = active and idle
             if not button.enabled and button.checked:
                 button.checked = False
@@ -581,35 +584,46 @@ class PRISMRTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._observeSliceViews()
             self._schedulePrefetch(self._viewedSliceRas())
 
-    def _clickNode(self, positive: bool):
-        """The markups node that receives positive (or negative) clicks; made on first use."""
-        node = slicer.mrmlScene.GetNodeByID(self._clickNodeIDs.get(positive, ""))
+    _PLACE_NODES = {  # placing kind -> (markups node name, colour)
+        "positive": ("PRISM-RT + clicks", (0.2, 0.9, 0.2)),
+        "negative": ("PRISM-RT - clicks", (0.9, 0.2, 0.2)),
+        "box": ("PRISM-RT box corners", (0.95, 0.85, 0.2)),
+    }
+
+    def _clickNode(self, kind: str):
+        """The markups node that receives the clicks of a placing kind; made on first use."""
+        node = slicer.mrmlScene.GetNodeByID(self._clickNodeIDs.get(kind, ""))
         if node is None:
-            node = slicer.mrmlScene.AddNewNodeByClass(
-                "vtkMRMLMarkupsFiducialNode", "PRISM-RT + clicks" if positive else "PRISM-RT - clicks")
+            name, color = self._PLACE_NODES[kind]
+            node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
             node.CreateDefaultDisplayNodes()
-            node.GetDisplayNode().SetSelectedColor((0.2, 0.9, 0.2) if positive else (0.9, 0.2, 0.2))
+            node.GetDisplayNode().SetSelectedColor(color)
             node.GetDisplayNode().SetPointLabelsVisibility(False)
             node.SetHideFromEditors(True)
             # clicks belong on slices: the 3D view would put them on a surface or the camera plane
             sliceViews = [n.GetID() for n in slicer.util.getNodesByClass("vtkMRMLSliceNode")]
             node.GetDisplayNode().SetViewNodeIDs(sliceViews)
             self.addObserver(node, node.PointPositionDefinedEvent, self.onClickPlaced)
-            self._clickNodeIDs[positive] = node.GetID()
+            self._clickNodeIDs[kind] = node.GetID()
         return node
 
-    def onPlacePoints(self, positive: bool, on: bool) -> None:
-        """Toggle placing positive (or negative) clicks in the slice views; the two modes exclude each other."""
-        other = self.ui.negativePointButton if positive else self.ui.positivePointButton
+    def onPlacePoints(self, kind: str, on: bool) -> None:
+        """Toggle placing clicks of ``kind`` (positive, negative or box corners) in the slice views."""
+        others = [b for k, b in self._placeButtons.items() if k != kind]
         if not on:
-            if not other.checked:
+            if not any(b.checked for b in others):
                 self._stopPlacing()
+            if kind == "box":
+                self._dropBoxCorner()
             return
-        if other.checked:
-            wasBlocked = other.blockSignals(True)
-            other.checked = False
-            other.blockSignals(wasBlocked)
-        node = self._clickNode(positive)
+        for other in others:
+            if other.checked:
+                wasBlocked = other.blockSignals(True)
+                other.checked = False
+                other.blockSignals(wasBlocked)
+        if kind != "box":
+            self._dropBoxCorner()
+        node = self._clickNode(kind)
         selectionNode = slicer.app.applicationLogic().GetSelectionNode()
         selectionNode.SetReferenceActivePlaceNodeClassName("vtkMRMLMarkupsFiducialNode")
         selectionNode.SetActivePlaceNodeID(node.GetID())
@@ -623,11 +637,18 @@ class PRISMRTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Place mode ended in the views (right-click, Escape, the toolbar): release the click buttons."""
         if caller.GetCurrentInteractionMode() == caller.Place:
             return
-        for button in (self.ui.positivePointButton, self.ui.negativePointButton):
+        for button in self._placeButtons.values():
             wasBlocked = button.blockSignals(True)
             button.checked = False
             button.blockSignals(wasBlocked)
+        self._dropBoxCorner()
         self._releaseClickNodes()
+
+    def _dropBoxCorner(self) -> None:
+        """A half-drawn box (one corner) is dropped when the box mode ends."""
+        node = slicer.mrmlScene.GetNodeByID(self._clickNodeIDs.get("box", ""))
+        if node is not None:
+            node.RemoveAllControlPoints()
 
     def _releaseClickNodes(self) -> None:
         """So that Slicer's own point placing does not add to (and delineate with) our click nodes."""
@@ -645,21 +666,37 @@ class PRISMRTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """A click was placed: segment its slice now (the markups point is only the click, so it is removed)."""
         import qt
 
-        positive = caller.GetID() == self._clickNodeIDs.get(True)
-        button = self.ui.positivePointButton if positive else self.ui.negativePointButton
-        if not button.checked:  # not one of our clicks
+        kinds = [k for k, nodeID in self._clickNodeIDs.items() if nodeID == caller.GetID()]
+        if not kinds or not self._placeButtons[kinds[0]].checked:  # not one of our clicks
             return
-        position = caller.GetNthControlPointPositionWorld(caller.GetNumberOfControlPoints() - 1)
+        kind, count = kinds[0], caller.GetNumberOfControlPoints()
+        if kind == "box":
+            if count < 2:  # the first corner stays shown until the second
+                self.ui.delineationStatusLabel.text = _("Box: now click the opposite corner, on the same slice.")
+                return
+            corners = [caller.GetNthControlPointPositionWorld(i) for i in (count - 2, count - 1)]
+            qt.QTimer.singleShot(0, lambda: self._applyBox(caller, *corners))
+            return
+        position = caller.GetNthControlPointPositionWorld(count - 1)
         # not while the markups node is still handling its own event
-        qt.QTimer.singleShot(0, lambda: self._applyClick(caller, position, positive))
+        qt.QTimer.singleShot(0, lambda: self._applyClick(caller, position, kind == "positive"))
 
     def _applyClick(self, clickNode, positionRas, positive: bool) -> None:
-        clickNode.RemoveAllControlPoints()
+        self._applyPrompt(clickNode, positionRas,
+                          lambda: self.logic.addDelineationPoint(positionRas, positive=positive))
+
+    def _applyBox(self, cornerNode, cornerARas, cornerBRas) -> None:
+        self._applyPrompt(cornerNode, cornerARas, lambda: self.logic.setDelineationBox(cornerARas, cornerBRas))
+
+    def _applyPrompt(self, markupsNode, positionRas, prompt) -> None:
+        """Run a click or box (``prompt``) on its slice and show the slice's new mask; the markups points were only
+        the input, so they are removed."""
+        markupsNode.RemoveAllControlPoints()
         if not self._delineating() or self._propagating:
             return
         self._stopPrefetch()
         with slicer.util.tryWithErrorDisplay(_("The click could not be used."), waitCursor=True):
-            result = self.logic.addDelineationPoint(positionRas, positive=positive)
+            result = prompt()
             self._writeSegment()
             self.ui.delineationStatusLabel.text = _(
                 "Slice {index}: predicted IoU {score:.2f}, {area:.1f} cm\u00b2. Click more on any slice, or "
@@ -894,6 +931,12 @@ class PRISMRTLogic(ScriptedLoadableModuleLogic):
         pointLps = _RAS_LPS_FLIP @ np.asarray(pointRas, dtype=float)[:3]
         return self._session().add_point(pointLps, positive=positive)
 
+    def setDelineationBox(self, cornerARas, cornerBRas):
+        """A box from two opposite corners (RAS, world) on one slice; returns the slice's result. Corners on different
+        slices are refused with what to do."""
+        cornersLps = [_RAS_LPS_FLIP @ np.asarray(c, dtype=float)[:3] for c in (cornerARas, cornerBRas)]
+        return self._session().set_box(*cornersLps)
+
     def prefetchDelineation(self, pointRas, radius: int = 2):
         """Compute the features of one not yet computed slice near the delineated slice that holds ``pointRas`` (world
         RAS), so that a click there runs only the mask decoder; call it again for the next. Returns the slice index
@@ -1094,4 +1137,8 @@ class PRISMRTTest(ScriptedLoadableModuleTest):
         array = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode)
         np.testing.assert_array_equal(array != 0, logic.delineation.mask != 0)
         self.assertEqual(logic.undoDelineation(), "positive click")
+        # the Box mode: two opposite corners on slice 20
+        corners = [(ijkToRas @ np.array([i, j, 20.0, 1.0]))[:3] for i, j in ((20.0, 34.0), (42.0, 56.0))]
+        self.assertEqual(logic.setDelineationBox(*corners).index, 20)
+        self.assertEqual(logic.undoDelineation(), "box")
         self.delayDisplay("Delineation test passed")

@@ -111,7 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="backend(s) to evaluate (repeatable; two give a paired Wilcoxon test)")
     p.add_argument("--prismrt-model", help="model for the prismrt backend (name or bundle folder)")
     p.add_argument("--teachers-model", help="model for the teachers backend (name or bundle folder)")
-    p.add_argument("--clicks", type=int, default=3, help="clicks per case (default 3)")
+    p.add_argument("--clicks", type=int, default=3, help="prompts per case, the first included (default 3)")
+    p.add_argument("--first", choices=("click", "box"), default="click",
+                   help="first prompt: a click at the most interior voxel (default), or the structure's bounding "
+                        "box on that voxel's slice")
     p.add_argument("--no-cross-views", dest="cross_views", action="store_false",
                    help="propagate without the orthogonal views that bound how far the structure reaches")
     p.add_argument("--limit", type=int, help="evaluate only the first N cases")
@@ -329,9 +332,9 @@ def cmd_eval_seg(args) -> int:
                     continue
                 results += evaluate_case(backend, image, reference, case=case, structure=structure,
                                          max_clicks=args.clicks, window=args.window,
-                                         cross_views=args.cross_views)
+                                         cross_views=args.cross_views, first=args.first)
                 last = results[-1]
-                print(f"{name} {structure} {case}: DSC {last.dice:.3f} after {last.clicks} clicks", file=sys.stderr)
+                print(f"{name} {structure} {case}: DSC {last.dice:.3f} after {last.clicks} prompts", file=sys.stderr)
         timing[name] = time.perf_counter() - start
     rows = summarise(results)
     tests = {}
@@ -341,9 +344,12 @@ def cmd_eval_seg(args) -> int:
                 subset = [r for r in results if r.structure == structure]
                 tests[f"{structure}/{clicks}"] = wilcoxon(subset, backends[0], backends[1], clicks)
     args.out.mkdir(parents=True, exist_ok=True)
-    outputs[0].write_text(json.dumps({"summary": rows, "wilcoxon_dice": tests, "seconds": timing,
-                                      "cases": to_records(results)}, indent=2) + "\n")
+    outputs[0].write_text(json.dumps({"first_prompt": args.first, "summary": rows, "wilcoxon_dice": tests,
+                                      "seconds": timing, "cases": to_records(results)}, indent=2) + "\n")
     text = markdown_table(rows)
+    if args.first == "box":
+        text = "First prompt: the structure's bounding box on one slice, then clicks ('clicks' counts the box).\n\n" \
+            + text
     if tests:
         text += "\n\nPaired Wilcoxon signed-rank test of DSC, " + f"{backends[0]} vs {backends[1]}:\n\n"
         text += "| structure/clicks | n | p |\n|---|---|---|\n" + "\n".join(

@@ -9,6 +9,9 @@ Protocol (per case and structure):
    at its voxel farthest from the region's boundary; that slice is corrected and propagation is re-run from it.
 3. After every click: Dice, IoU and HD95 (mm, true spacing) of the 3D mask against the reference.
 
+With ``first="box"`` the first prompt is instead the structure's bounding box on the slice of that most interior
+voxel (as a user draws a box around a target; MedSAM's own prompt), and it counts as the first of the prompts.
+
 Results are per case and click count; :func:`summarise` gives mean +/- std and :func:`wilcoxon` a paired test
 between two backends.
 """
@@ -56,9 +59,25 @@ def _largest_component(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return largest, int(np.count_nonzero(largest))
 
 
+FIRST_PROMPTS = ("click", "box")
+
+
+def _box_corners(session: SegmentationSession, reference: np.ndarray, kji) -> tuple[np.ndarray, np.ndarray]:
+    """LPS corners of the reference's bounding box on the session's slice through voxel ``kji``."""
+    plane = session.plane
+    index = int(round(float(plane.index_to_slice_coords(np.array(kji[::-1], float))[0])))
+    rows, cols = np.nonzero(plane.extract(reference, index))
+    return (plane.slice_coords_to_point([index, rows.min(), cols.min()]),
+            plane.slice_coords_to_point([index, rows.max(), cols.max()]))
+
+
 def simulate_clicks(session: SegmentationSession, reference: np.ndarray, max_clicks: int = 3,
-                    propagate: bool = True, cross_views: bool = True) -> list[tuple[float, float, float]]:
-    """Run the click protocol on a fresh session; returns (dice, iou, hd95) after each click."""
+                    propagate: bool = True, cross_views: bool = True,
+                    first: str = "click") -> list[tuple[float, float, float]]:
+    """Run the click protocol on a fresh session (``first="box"``: a box, then clicks); returns (dice, iou, hd95)
+    after each prompt."""
+    if first not in FIRST_PROMPTS:
+        raise ValueError(f"first must be one of {FIRST_PROMPTS}, not {first!r}")
     reference = np.asarray(reference, bool)
     if not reference.any():
         raise ValueError("the reference structure is empty")
@@ -77,8 +96,10 @@ def simulate_clicks(session: SegmentationSession, reference: np.ndarray, max_cli
                 continue
             positive = missed_n >= extra_n
             kji = _interior_voxel(missed if positive else extra, spacing)
-        point = geometry.index_to_physical(np.array(kji[::-1], float))
-        result = session.add_point(point, positive=positive)
+        if click == 0 and first == "box":
+            result = session.set_box(*_box_corners(session, reference, kji))
+        else:
+            result = session.add_point(geometry.index_to_physical(np.array(kji[::-1], float)), positive=positive)
         if propagate:
             if result.mask.any():
                 session.propagate(from_index=result.index, cross_views=cross_views)
@@ -91,12 +112,10 @@ def simulate_clicks(session: SegmentationSession, reference: np.ndarray, max_cli
 
 def evaluate_case(backend, image: sitk.Image, reference: np.ndarray, *, case: str, structure: str,
                   max_clicks: int = 3, orientation: str = "axial", window: str = "head-and-neck",
-                  cross_views: bool = True) -> list[ClickResult]:
+                  cross_views: bool = True, first: str = "click") -> list[ClickResult]:
     session = SegmentationSession(backend, image, orientation, window=window)
-    return [
-        ClickResult(case, structure, backend.name, n + 1, d, j, h)
-        for n, (d, j, h) in enumerate(simulate_clicks(session, reference, max_clicks, cross_views=cross_views))
-    ]
+    scores = simulate_clicks(session, reference, max_clicks, cross_views=cross_views, first=first)
+    return [ClickResult(case, structure, backend.name, n + 1, d, j, h) for n, (d, j, h) in enumerate(scores)]
 
 
 def find_cases(folder: "str | Path", structure: str) -> list[tuple[str, Path, Path]]:

@@ -79,7 +79,7 @@ class _OracleDecoder:
         points, boxes, _ = sparse_prompt_embeddings
         obj = image_embeddings[0, 0] > 0.5
         n = 3 if multimask_output else 1
-        hit = True
+        hit = points is None and boxes is None
         if points is not None:
             coords, labels = points
             positives = coords[0][labels[0] == 1]
@@ -88,9 +88,13 @@ class _OracleDecoder:
                 # SAM's prompt encoder adds 0.5 and divides by the input size: pixel centres at integers
                 x, y = (positives[0] + 0.5) / ORACLE_MODEL_SIZE * obj.shape[-1] - 0.5
                 hit = bool(obj[int(round(float(y))), int(round(float(x)))])
-        if boxes is not None and not hit:  # a box prompt (propagation) also finds the object inside it
+        if boxes is not None and not hit:  # a box prompt also finds the object inside it
             x0, y0, x1, y1 = ((boxes[0] + 0.5) / ORACLE_MODEL_SIZE * obj.shape[-1] - 0.5).round().int().tolist()
-            hit = bool(obj[max(y0, 0): y1 + 1, max(x0, 0): x1 + 1].any())
+            inside = torch.zeros_like(obj)
+            inside[max(y0, 0): y1 + 1, max(x0, 0): x1 + 1] = True
+            hit = bool((obj & inside).any())
+            if points is None:  # a box alone (the user's): only what it holds, so a misplaced box shows
+                obj = obj & inside
         logits = torch.where(obj, 10.0, -10.0) if hit else torch.full_like(image_embeddings[0, 0], -10.0)
         iou = torch.full((1, n), 0.95 if hit else 0.05)
         return logits[None, None].expand(1, n, -1, -1), iou
@@ -99,8 +103,9 @@ class _OracleDecoder:
 def OracleBackend():
     """A feature backend with SAM's interface and coordinate conventions whose "embedding" is the windowed slice
     letterboxed into a 128 px model grid and whose decoder returns the slice's bright object (window value > 0.5)
-    when the first positive point falls on it, or a box holds part of it. Learned weights play no part, so a test
-    with it fails on geometry only: a flipped axis, swapped x/y, shifted letterbox or wrong slice index."""
+    when the first positive point falls on it, or a box holds part of it (a box alone: the part it holds). Learned
+    weights play no part, so a test with it fails on geometry only: a flipped axis, swapped x/y, shifted letterbox
+    or wrong slice index."""
     import torch
 
     from PRISMRTLib.features import FeatureBackend, SliceFeatures

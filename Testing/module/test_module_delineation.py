@@ -170,3 +170,21 @@ def test_the_viewed_slice_is_found_from_the_slice_view_plane(phantom, delineatio
     assert abs(np.dot(projected - ras, [0.0, -np.sin(angle), np.cos(angle)])) < 1e-9  # on the plane
     below = prismrt_module.projectOntoSlicePlane(slice_to_ras, centre) - np.array([0.0, 0.0, 1000.0])
     assert logic.delineationSliceIndex(below) is None
+
+
+def test_a_box_from_two_ras_corners_gives_the_slice_mask(phantom, delineation, logic):
+    """The panel's Box mode: two clicks at opposite corners (RAS, as markups give them) of the target's bounding box on
+    one slice; corners on two slices are refused with what to do."""
+    _, ptv = phantom
+    volume, k, _ = delineation
+    m = _ijk_to_ras(volume)
+    j, i = np.nonzero(ptv[k])
+    corner_a = (m @ np.array([i.max() + 1, j.min() - 1, k, 1.0]))[:3]  # the box's corners in two different orders
+    corner_b = (m @ np.array([i.min() - 1, j.max() + 1, k, 1.0]))[:3]
+    result = logic.setDelineationBox(corner_a, corner_b)
+    assert result.index == k
+    mask = logic.delineation.mask.astype(bool)
+    assert _dice(mask[k], ptv[k]) > 0.97 and not np.delete(mask, k, axis=0).any()
+    assert logic.undoDelineation() == "box" and not logic.delineation.mask.any()
+    with pytest.raises(GeometryError, match="different axial slices"):
+        logic.setDelineationBox(corner_a, (m @ np.array([i.min() - 1, j.max() + 1, k + 2, 1.0]))[:3])

@@ -40,6 +40,7 @@ EXPECTED_WIDGETS = {
     "startDelineationButton": "QPushButton",
     "positivePointButton": "QPushButton",
     "negativePointButton": "QPushButton",
+    "boxButton": "QPushButton",
     "propagateButton": "QPushButton",
     "undoButton": "QPushButton",
     "redoButton": "QPushButton",
@@ -186,10 +187,10 @@ def test_widget_settings(panel):
 
     items = [backends.itemText(i) for i in range(backends.count())]
     assert sorted(items) == sorted(BACKENDS) and items[0] == "teachers"  # the default: its stand-in weights ship
-    for name in ("positivePointButton", "negativePointButton"):
+    for name in ("positivePointButton", "negativePointButton", "boxButton"):
         assert panel.findChild(QtWidgets.QPushButton, name).isCheckable()
-    for name in ("startDelineationButton", "positivePointButton", "negativePointButton", "propagateButton",
-                 "undoButton", "redoButton"):
+    for name in ("startDelineationButton", "positivePointButton", "negativePointButton", "boxButton",
+                 "propagateButton", "undoButton", "redoButton"):
         assert not panel.findChild(QtWidgets.QPushButton, name).isEnabled()
 
 

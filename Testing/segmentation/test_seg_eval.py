@@ -26,6 +26,20 @@ def test_protocol_on_an_oracle_recovers_the_target(tmp_path):
     assert scores[1][0] >= scores[0][0] - 1e-9
 
 
+@pytest.mark.parametrize("orientation", ["axial", "sagittal"])
+def test_protocol_starting_from_a_box(orientation):
+    """--first box: the target's bounding box on the slice of its most interior voxel, then clicks."""
+    from prismrt_testing import ptv_phantom
+
+    image, ptv = ptv_phantom()
+    session = SegmentationSession(OracleBackend(), image, orientation, window="soft-tissue")
+    scores = simulate_clicks(session, ptv, max_clicks=2, first="box")
+    assert any(p.box is not None and not p.points for p in session.prompts.values())  # the user's box, alone
+    assert scores[0][0] > 0.95 and scores[1][0] >= scores[0][0] - 1e-9
+    with pytest.raises(ValueError, match="first must be one of"):
+        simulate_clicks(session, ptv, first="lasso")
+
+
 def _r(case, backend, d, clicks=1):
     return ClickResult(case, "PTV70", backend, clicks, d, d / (2 - d), 3.0)
 
@@ -61,3 +75,8 @@ def test_eval_seg_command_runs_both_backends(tmp_path, capsys):
     assert set(report["wilcoxon_dice"]) == {"PTV70/1", "PTV70/2"}
     assert "Paired Wilcoxon" in (out / "results.md").read_text()
     assert main(args) == 2 and "already holds results" in capsys.readouterr().err
+    assert report["first_prompt"] == "click"
+    assert main(args + ["--first", "box", "--overwrite", "--backend", "teachers"]) == 0
+    report = json.loads((out / "results.json").read_text())
+    assert report["first_prompt"] == "box" and len(report["cases"]) == 2 * 2 * 2
+    assert (out / "results.md").read_text().startswith("First prompt: the structure's bounding box")

@@ -3,7 +3,7 @@ geometry (direction z = -1, 3.9 x 3.9 x 2.5 mm).
 
 The backend is an oracle with SAM's interface and coordinate conventions (prismrt_testing.OracleBackend): it
 returns the bright object of the slice if (and only if) the first positive point falls on it (or, for
-propagation, a box holds part of it). Any flipped axis, swapped x/y, shifted letterbox or wrong slice index makes
+propagation, a box holds part of it; a box alone gives the part it holds). Any flipped axis, swapped x/y, shifted letterbox or wrong slice index makes
 these fail, whatever the learned weights are.
 """
 
@@ -48,6 +48,28 @@ def test_click_on_the_target_gives_its_slice_at_the_right_voxels(phantom, orient
     assert _dice(plane.stack_view(mask)[index], stack[index]) > 0.97
     others = np.delete(plane.stack_view(mask), index, axis=0)
     assert not others.any()
+
+
+@pytest.mark.parametrize("orientation", ["axial", "coronal", "sagittal"])
+def test_a_box_gives_what_it_holds_at_the_right_voxels(phantom, orientation):
+    """The target's bounding box on its largest slice gives the target there; the left half of that box gives only
+    the target's left half (a box flipped or shifted in the slice would give the other half)."""
+    image, ptv = phantom
+    session = SegmentationSession(OracleBackend(), image, orientation, window="soft-tissue")
+    plane = session.plane
+    index, stack, _ = _largest_slice(session, ptv)
+    rows, cols = np.nonzero(stack[index])
+    corner = lambda r, c: plane.slice_coords_to_point([index, r, c])  # noqa: E731
+    result = session.set_box(corner(rows.max(), cols.max()), corner(rows.min(), cols.min()))
+    assert result.index == index
+    assert _dice(plane.stack_view(session.mask.astype(bool))[index], stack[index]) > 0.97
+    middle = (cols.min() + cols.max()) // 2
+    half = stack[index].copy()
+    half[:, middle + 1:] = False
+    fresh = SegmentationSession(OracleBackend(), image, orientation, window="soft-tissue")
+    fresh.set_box(corner(rows.min(), cols.min()), corner(rows.max(), middle))
+    got = fresh.plane.stack_view(fresh.mask.astype(bool))[index]
+    assert _dice(got, half) > 0.9 and not (got & ~half).sum() > 0.05 * half.sum()
 
 
 @pytest.mark.parametrize("orientation", ["axial", "coronal", "sagittal"])
