@@ -77,6 +77,14 @@ TORCH_VERSION_REQUIREMENT = ">=2.1"
 _RAS_LPS_FLIP = np.diag([-1.0, -1.0, 1.0])
 
 
+def _rasToLps(pointRas) -> np.ndarray:
+    return _RAS_LPS_FLIP @ np.asarray(pointRas, dtype=float)[:3]
+
+
+class PropagationCancelled(Exception):
+    """Raised from the propagation's progress callback to cancel it (the session is then as it was)."""
+
+
 #
 # PRISMRTLib access (lazy)
 #
@@ -559,7 +567,8 @@ class PRISMRTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not button.enabled and button.checked:
                 button.checked = False
         self.ui.propagateButton.text = _("Propagate to 3D") if idle else _("Cancel propagation")
-        self.ui.propagateButton.enabled = active and (not idle or bool(session.mask.any()))
+        self.ui.propagateButton.enabled = not idle or (active and bool(session.mask.any()))
+        self.ui.inputSelector.enabled = idle  # the CT stays the propagated one
         self.ui.undoButton.enabled = active and idle and session.can_undo()
         self.ui.redoButton.enabled = active and idle and session.can_redo()
 
@@ -647,8 +656,9 @@ class PRISMRTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _dropBoxCorner(self) -> None:
         """A half-drawn box (one corner) is dropped when the box mode ends."""
         node = slicer.mrmlScene.GetNodeByID(self._clickNodeIDs.get("box", ""))
-        if node is not None:
+        if node is not None and node.GetNumberOfControlPoints():
             node.RemoveAllControlPoints()
+            self.ui.delineationStatusLabel.text = _("Box dropped: it needs two corners on one slice.")
 
     def _releaseClickNodes(self) -> None:
         """So that Slicer's own point placing does not add to (and delineate with) our click nodes."""
@@ -666,10 +676,10 @@ class PRISMRTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """A click was placed: segment its slice now (the markups point is only the click, so it is removed)."""
         import qt
 
-        kinds = [k for k, nodeID in self._clickNodeIDs.items() if nodeID == caller.GetID()]
-        if not kinds or not self._placeButtons[kinds[0]].checked:  # not one of our clicks
+        kind = next((k for k, nodeID in self._clickNodeIDs.items() if nodeID == caller.GetID()), None)
+        if kind is None or not self._placeButtons[kind].checked:  # not one of our clicks
             return
-        kind, count = kinds[0], caller.GetNumberOfControlPoints()
+        count = caller.GetNumberOfControlPoints()
         if kind == "box":
             if count < 2:  # the first corner stays shown until the second
                 self.ui.delineationStatusLabel.text = _("Box: now click the opposite corner, on the same slice.")
@@ -695,7 +705,8 @@ class PRISMRTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self._delineating() or self._propagating:
             return
         self._stopPrefetch()
-        with slicer.util.tryWithErrorDisplay(_("The click could not be used."), waitCursor=True):
+        self.ui.delineationStatusLabel.text = ""
+        with slicer.util.tryWithErrorDisplay(_("The prompt could not be used."), waitCursor=True):
             result = prompt()
             self._writeSegment()
             self.ui.delineationStatusLabel.text = _(
@@ -724,6 +735,7 @@ class PRISMRTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     PREFETCH_DELAY_MS = 300
     PREFETCH_TICK_MS = 10
     PREFETCH_MAX_SECONDS = 0.25
+    PREFETCH_MAX_SLOW = 2  # slow slices in a row that end it (the first may include the model's warm-up)
 
     def _isDelineationView(self, sliceNode) -> bool:
         """The slice view shows the delineated orientation (where clicks go)."""
@@ -758,7 +770,7 @@ class PRISMRTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _schedulePrefetch(self, centerRas) -> None:
         """Prefetch around the slice of ``centerRas`` once the view has been still for PREFETCH_DELAY_MS."""
         self._prefetchTimer.stop()
-        if centerRas is None or self._slowPrefetches >= 2:
+        if centerRas is None or self._slowPrefetches >= self.PREFETCH_MAX_SLOW:
             return
         self._prefetchCenterRas = centerRas
         self._prefetchIndex = self.logic.delineationSliceIndex(centerRas)
@@ -784,10 +796,11 @@ class PRISMRTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if index is None:
             self._prefetchTimer.stop()
             return
-        # two slow slices in a row (the first may include the model's warm-up) end it for this delineation
-        self._slowPrefetches = self._slowPrefetches + 1 if time.perf_counter() - start > self.PREFETCH_MAX_SECONDS \
-            else 0
-        if self._slowPrefetches >= 2:
+        if time.perf_counter() - start > self.PREFETCH_MAX_SECONDS:
+            self._slowPrefetches += 1
+        else:
+            self._slowPrefetches = 0
+        if self._slowPrefetches >= self.PREFETCH_MAX_SLOW:  # for the rest of this delineation
             self._prefetchTimer.stop()
 
     def onPropagate(self) -> None:
@@ -798,17 +811,15 @@ class PRISMRTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self._delineating():
             return
         self._stopPrefetch()
+        placing = next((kind for kind, button in self._placeButtons.items() if button.checked), None)
         self._stopPlacing()
         session = self.logic.delineation
-
-        class Cancelled(Exception):
-            pass
 
         def progress(index):
             self.ui.delineationStatusLabel.text = _("Propagating: slice {index}...").format(index=index)
             slicer.app.processEvents()  # keeps the views and the Cancel button alive
             if self._cancelPropagation or self.logic.delineation is not session:  # cancelled, or scene closed
-                raise Cancelled
+                raise PropagationCancelled
 
         self._propagating, self._cancelPropagation = True, False
         self._updateDelineationButtons()
@@ -816,19 +827,22 @@ class PRISMRTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             with slicer.util.tryWithErrorDisplay(_("Propagation failed."), waitCursor=True):
                 try:
                     self.logic.propagateDelineation(progress=progress)
-                except Cancelled:
+                    self._writeSegment()
+                    slices = int(np.count_nonzero(session.mask.any(axis=(1, 2))))
+                    volumeCm3 = float(np.count_nonzero(session.mask)) * float(np.prod(session.image.GetSpacing())) \
+                        / 1000.0
+                    self.ui.delineationStatusLabel.text = _(
+                        "{volume:.1f} cm\u00b3 on {slices} slices. Click on any slice to correct it, then propagate "
+                        "again.").format(volume=volumeCm3, slices=slices)
+                except PropagationCancelled:
                     self.ui.delineationStatusLabel.text = _("Propagation cancelled; the delineation is as it was.")
-                    return
-                self._writeSegment()
-                slices = int(np.count_nonzero(session.mask.any(axis=(1, 2))))
-                volumeCm3 = float(np.count_nonzero(session.mask)) * float(np.prod(session.image.GetSpacing())) / 1000.0
-                self.ui.delineationStatusLabel.text = _(
-                    "{volume:.1f} cm\u00b3 on {slices} slices. Click on any slice to correct it, then propagate "
-                    "again.").format(volume=volumeCm3, slices=slices)
         finally:
+            slicer.app.processEvents()  # a Cancel click still queued lands here, as a no-op, not as a new propagation
             self._propagating = False
             self._updateDelineationButtons()
         if self._delineating():
+            if placing is not None:  # back to the click mode the user was in
+                self._placeButtons[placing].checked = True
             self._prefetchIndex = None
             self._schedulePrefetch(self._viewedSliceRas())
 
@@ -928,14 +942,12 @@ class PRISMRTLogic(ScriptedLoadableModuleLogic):
         """A click at a RAS point in world coordinates (positive: include, negative: exclude) on the slice that holds
         it; returns the slice's result (index, mask, predicted IoU, area). The delineated volume has no transform
         (:meth:`startDelineation` refuses one), so its RAS is the world's."""
-        pointLps = _RAS_LPS_FLIP @ np.asarray(pointRas, dtype=float)[:3]
-        return self._session().add_point(pointLps, positive=positive)
+        return self._session().add_point(_rasToLps(pointRas), positive=positive)
 
     def setDelineationBox(self, cornerARas, cornerBRas):
         """A box from two opposite corners (RAS, world) on one slice; returns the slice's result. Corners on different
         slices are refused with what to do."""
-        cornersLps = [_RAS_LPS_FLIP @ np.asarray(c, dtype=float)[:3] for c in (cornerARas, cornerBRas)]
-        return self._session().set_box(*cornersLps)
+        return self._session().set_box(_rasToLps(cornerARas), _rasToLps(cornerBRas))
 
     def prefetchDelineation(self, pointRas, radius: int = 2):
         """Compute the features of one not yet computed slice near the delineated slice that holds ``pointRas`` (world
@@ -951,9 +963,8 @@ class PRISMRTLogic(ScriptedLoadableModuleLogic):
         session = self.delineation
         if session is None or pointRas is None:
             return None
-        pointLps = _RAS_LPS_FLIP @ np.asarray(pointRas, dtype=float)[:3]
         try:
-            return session.locate(pointLps)[0]
+            return session.locate(_rasToLps(pointRas))[0]
         except importPRISMRTLib("PRISMRTLib.errors").GeometryError:
             return None
 

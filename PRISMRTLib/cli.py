@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prismrt-model", help="model for the prismrt backend (name or bundle folder)")
     p.add_argument("--teachers-model", help="model for the teachers backend (name or bundle folder)")
     p.add_argument("--clicks", type=int, default=3, help="prompts per case, the first included (default 3)")
-    p.add_argument("--first", choices=("click", "box"), default="click",
+    p.add_argument("--first", choices=("click", "box"), default="click",  # seg_eval.FIRST_PROMPTS (it loads torch)
                    help="first prompt: a click at the most interior voxel (default), or the structure's bounding "
                         "box on that voxel's slice")
     p.add_argument("--no-cross-views", dest="cross_views", action="store_false",
@@ -348,8 +348,8 @@ def cmd_eval_seg(args) -> int:
                                       "seconds": timing, "cases": to_records(results)}, indent=2) + "\n")
     text = markdown_table(rows)
     if args.first == "box":
-        text = "First prompt: the structure's bounding box on one slice, then clicks ('clicks' counts the box).\n\n" \
-            + text
+        text = ("First prompt: the structure's bounding box on one slice, then clicks ('clicks' counts the box)."
+                f"\n\n{text}")
     if tests:
         text += "\n\nPaired Wilcoxon signed-rank test of DSC, " + f"{backends[0]} vs {backends[1]}:\n\n"
         text += "| structure/clicks | n | p |\n|---|---|---|\n" + "\n".join(

@@ -103,8 +103,9 @@ MASK_PROMPT_LOGIT = 8.0  # a propagated mask prompt: +-8 logits, the middle of t
 
 
 class SegmentationSession:
-    """Delineate one structure in one volume. Not thread-safe for interactions; :meth:`prefetch` may run in a
-    background thread while the user looks at the image."""
+    """Delineate one structure in one volume. Not thread-safe for interactions; :meth:`prefetch` and
+    :meth:`prefetch_next` only add to the feature cache (under its lock), so they may run in another thread while the
+    user looks at the image (at worst a slice is encoded twice)."""
 
     def __init__(self, backend: FeatureBackend, image: sitk.Image, orientation="axial",
                  window: "Window | str" = "head-and-neck", cache_slices: int = 48):
@@ -344,8 +345,9 @@ class SegmentationSession:
         poorer mask should not take the rest of the structure with it (3D Dice after 3 clicks on the 33
         validation patients, clearing -> keeping them: PTV70 0.549 -> 0.569, RightParotid 0.440 -> 0.527, Larynx
         0.550 -> 0.599). Only a slice the user erased ends the structure: what was propagated beyond it is cleared.
-        ``progress(index)`` is called after each slice; an exception it raises cancels the propagation and leaves
-        the session as it was. Returns the 3D mask.
+        ``progress(index)`` is called with the seed's index once the views are segmented, with each slice's index
+        once it is written, and with the seed's again before the result is committed; an exception it raises cancels
+        the propagation and leaves the session as it was. Returns the 3D mask.
         """
         seeds = [i for i, s in self._source.items() if s == "clicks" and self.plane.extract(self.mask, i).any()]
         if from_index is None:
@@ -359,6 +361,8 @@ class SegmentationSession:
             raise PrismRTError(f"slice {from_index} has no mask to propagate from: click on the structure there first")
         limit = self.plane.num_slices if max_slices is None else int(max_slices)
         guide = self.cross_view_guide(from_index, seed_mask) if cross_views else None
+        if progress:  # nothing written yet: a cancel here costs only the views
+            progress(from_index)
         margin = int(np.ceil(cross_view_margin_mm / self.plane.slice_thickness - 1e-6))
         # the slices this propagation writes or clears, as they were (for undo)
         step = _Step("propagate", {})
@@ -385,11 +389,11 @@ class SegmentationSession:
                         break
                     self._write(index, mask, logits, "propagated")
                     self.prompts[index] = prompts  # what made this slice (a click here starts from its mask instead)
+                    if progress:
+                        progress(index)
                     previous = mask
                     index += direction
                     done += 1
-                    if progress:
-                        progress(index)
                 # what was propagated beyond a slice the user erased is cleared
                 index = -1 if erased is None else erased + direction
                 while 0 <= index < self.plane.num_slices and self._source.get(index) == "propagated":
@@ -398,6 +402,8 @@ class SegmentationSession:
                     self._source.pop(index, None)
                     self.prompts.pop(index, None)
                     index += direction
+            if progress:  # the last chance to cancel: after this the propagation is one undo step
+                progress(from_index)
         except BaseException:  # cancelled through ``progress`` (or failed): the session is as it was
             for index, state in step.before.items():
                 self._restore(index, state)

@@ -40,6 +40,15 @@ def test_protocol_starting_from_a_box(orientation):
         simulate_clicks(session, ptv, first="lasso")
 
 
+def test_eval_seg_offers_the_protocols_first_prompts():
+    from PRISMRTLib.cli import build_parser
+    from PRISMRTLib.seg_eval import FIRST_PROMPTS
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    first = next(a for a in sub.choices["eval-seg"]._actions if a.dest == "first")
+    assert tuple(first.choices) == FIRST_PROMPTS
+
+
 def _r(case, backend, d, clicks=1):
     return ClickResult(case, "PTV70", backend, clicks, d, d / (2 - d), 3.0)
 

@@ -1,10 +1,10 @@
 """Clicks land on the right pixel and masks land on the right voxels, in all three orientations, on real OpenKBP
 geometry (direction z = -1, 3.9 x 3.9 x 2.5 mm).
 
-The backend is an oracle with SAM's interface and coordinate conventions (prismrt_testing.OracleBackend): it
-returns the bright object of the slice if (and only if) the first positive point falls on it (or, for
-propagation, a box holds part of it; a box alone gives the part it holds). Any flipped axis, swapped x/y, shifted letterbox or wrong slice index makes
-these fail, whatever the learned weights are.
+The backend is an oracle with SAM's interface and coordinate conventions (prismrt_testing.OracleBackend): it returns
+the bright object of the slice if (and only if) the first positive point falls on it (or, for propagation, a box
+holds part of it; a box alone gives the part it holds). Any flipped axis, swapped x/y, shifted letterbox or wrong
+slice index makes these fail, whatever the learned weights are.
 """
 
 import numpy as np
@@ -318,28 +318,54 @@ def test_an_erased_slice_ends_the_propagation_there(phantom):
                                   full[cut + 1:])
 
 
-def test_a_cancelled_propagation_leaves_the_session_as_it_was(phantom):
-    """``progress`` raising (the panel's cancel, or the session replaced while the propagation ran) undoes the slices
-    written so far: the mask, the slices' sources and the history are those before it."""
+class _Cancelled(Exception):
+    pass
+
+
+def _corrected_session(phantom):
+    """Clicked, propagated, then a click on a propagated slice: (session, that slice's index)."""
     image, ptv = phantom
     session = SegmentationSession(OracleBackend(), image, "axial", window="soft-tissue")
     index, stack, point = _largest_slice(session, ptv)
     session.add_point(point)
-    before, sources = session.mask.copy(), dict(session._source)
+    session.propagate(min_area_mm2=1.0, min_overlap=0.0, cross_views=False)
+    other = index + 3
+    session.add_point(session.plane.slice_coords_to_point([other, *interior_point(stack[other])]))
+    return session, other
 
-    class Cancelled(Exception):
-        pass
 
+def _snapshot(session):
+    return (session.mask.copy(), dict(session._source), {i: p.copy() for i, p in session.prompts.items()},
+            dict(session._logits), len(session._undo))
+
+
+@pytest.mark.parametrize("cancel_at", ["first", "middle", "last"])
+def test_a_cancelled_propagation_leaves_the_session_as_it_was(phantom, cancel_at):
+    """``progress`` raising (the panel's cancel, or the session replaced while the propagation ran) restores every
+    slice it touched, also slices propagated before (from the first click) that it was replacing: the mask, the
+    slices' sources, prompts and mask logits, and the history are those before it. ``progress`` sees the seed, each
+    written slice, then the seed again."""
+    session, other = _corrected_session(phantom)
+    calls = []
+    session.propagate(from_index=other, min_area_mm2=1.0, min_overlap=0.0, cross_views=False, progress=calls.append)
+    assert calls[0] == calls[-1] == other and len(calls) > 4
+    assert all(0 <= i < session.plane.num_slices and session._source[i] == "propagated" for i in calls[1:-1])
+
+    session, other = _corrected_session(phantom)
+    before = _snapshot(session)
+    stop = {"first": 1, "middle": len(calls) // 2, "last": len(calls)}[cancel_at]
     seen = []
 
     def progress(i):
         seen.append(i)
-        if len(seen) == 4:
-            raise Cancelled
+        if len(seen) == stop:
+            raise _Cancelled
 
-    with pytest.raises(Cancelled):
-        session.propagate(min_area_mm2=1.0, min_overlap=0.0, cross_views=False, progress=progress)
-    np.testing.assert_array_equal(session.mask, before)
-    assert session._source == sources and session.can_undo() and not session.can_redo()
+    with pytest.raises(_Cancelled):
+        session.propagate(from_index=other, min_area_mm2=1.0, min_overlap=0.0, cross_views=False, progress=progress)
+    after = _snapshot(session)
+    np.testing.assert_array_equal(after[0], before[0])
+    assert after[1] == before[1] and after[4] == before[4] and not session.can_redo()
+    assert after[2].keys() == before[2].keys() and all(after[2][i] == before[2][i] for i in before[2])
+    assert after[3].keys() == before[3].keys() and all(after[3][i] is before[3][i] for i in before[3])
     assert session.undo() == "positive click"  # the propagation left no step behind
-    assert not session.mask.any()
