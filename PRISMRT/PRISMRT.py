@@ -829,8 +829,8 @@ class PRISMRTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     self.logic.propagateDelineation(progress=progress)
                     self._writeSegment()
                     slices = int(np.count_nonzero(session.mask.any(axis=(1, 2))))
-                    volumeCm3 = float(np.count_nonzero(session.mask)) * float(np.prod(session.image.GetSpacing())) \
-                        / 1000.0
+                    voxelCm3 = float(np.prod(session.image.GetSpacing())) / 1000.0
+                    volumeCm3 = float(np.count_nonzero(session.mask)) * voxelCm3
                     self.ui.delineationStatusLabel.text = _(
                         "{volume:.1f} cm\u00b3 on {slices} slices. Click on any slice to correct it, then propagate "
                         "again.").format(volume=volumeCm3, slices=slices)
