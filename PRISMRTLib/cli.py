@@ -15,6 +15,13 @@ from pathlib import Path
 from . import __version__
 from .errors import PrismRTError
 
+# kept here, not imported, so that parsing arguments loads no model code (PRISMRTLib.features imports torch)
+BACKEND_CHOICES = ("auto", "prismrt", "teachers")
+DEFAULT_HELP = ("auto = the distilled student ('prismrt') when one is installed, otherwise the teachers "
+                "(delineation: LiteMedSAM, fine-tuned for clicks when that model is present)")
+MODES_CHOICES = ("2d", "3d")  # segmentation.evaluation.MODES
+FIRST_CHOICES = ("click", "box")  # segmentation.evaluation.FIRST_PROMPTS
+
 EXIT_USAGE = 2
 EXIT_NOT_AVAILABLE = 3
 
@@ -89,49 +96,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coords", choices=("lps", "ras"), default="lps", help="coordinate system of points (default lps)")
     p.add_argument("--orientation", choices=("axial", "coronal", "sagittal"), default="axial",
                    help="slices the prompts are on (default axial)")
-    p.add_argument("--window", default="head-and-neck", help="CT window preset the model sees (default head-and-neck)")
+    p.add_argument("--window", help="CT window preset the model sees (default: the one its model was trained with; "
+                                    "LiteMedSAM: soft-tissue). MR is scaled by its percentiles, never windowed")
     p.add_argument("--propagate", action="store_true", help="propagate the mask into 3D")
     p.add_argument("--no-cross-views", dest="cross_views", action="store_false",
                    help="propagate without the orthogonal views that bound how far the structure reaches")
-    p.add_argument("--backend", choices=("prismrt", "teachers"), default="prismrt")
-    p.add_argument("--model", help="model name from 'prismrt models list', or a bundle folder")
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help=f"feature backend (default: {DEFAULT_HELP})")
+    p.add_argument("--model", help="model name from 'prismrt models list', or a bundle folder (default: the "
+                                   "backend's best installed model)")
     p.add_argument("--out", required=True, type=Path, help="output mask (.nii.gz, .nii, .nrrd, .mha)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
     p = sub.add_parser(
-        "eval-seg", parents=[common], help="evaluate delineation with simulated clicks (DSC, IoU, HD95)",
-        description="Cases are CASES/NAME/ct.nii.gz with CASES/NAME/STRUCTURE.nii.gz (the OpenKBP layout). The first "
-                    "click is at the structure's most interior voxel; each further click at the centre of the largest "
-                    "3D error region; the mask is propagated after every click.",
+        "eval-seg", parents=[common], help="evaluate delineation with simulated prompts (DSC, IoU, HD95)",
+        description="Cases: a folder of CASE/ct.nii.gz with CASE/STRUCTURE.nii.gz or CASE/masks/STRUCTURE.nii.gz, "
+                    "or a case list (.json; see PRISMRTLib/segmentation/cases.py). 2D: prompts on the structure's "
+                    "central slice (through its deepest voxel), scored there. 3D: the first prompt there, then each "
+                    "click at the larger 3D error, the mask propagated after every prompt. Each method runs the "
+                    "same prompts; the box-filled baseline is the tight box, filled.",
     )
-    p.add_argument("cases", type=_existing_path, help="folder of cases")
-    p.add_argument("--structure", action="append", default=[], help="structure file name without .nii.gz "
-                   "(repeatable; default PTV70)")
-    p.add_argument("--backend", action="append", choices=("prismrt", "teachers"), default=[],
-                   help="backend(s) to evaluate (repeatable; two give a paired Wilcoxon test)")
-    p.add_argument("--prismrt-model", help="model for the prismrt backend (name or bundle folder)")
-    p.add_argument("--teachers-model", help="model for the teachers backend (name or bundle folder)")
-    p.add_argument("--clicks", type=int, default=3, help="prompts per case, the first included (default 3)")
-    p.add_argument("--first", choices=("click", "box"), default="click",  # seg_eval.FIRST_PROMPTS (it loads torch)
-                   help="first prompt: a click at the most interior voxel (default), or the structure's bounding "
-                        "box on that voxel's slice")
+    p.add_argument("cases", nargs="+", type=_existing_path, help="folder(s) of cases or case list(s)")
+    p.add_argument("--structure", action="append", default=[], help="structure to evaluate (repeatable; default: "
+                   "every structure of each case)")
+    p.add_argument("--model", action="append", default=[], metavar="[BACKEND=]MODEL",
+                   help="a method to evaluate: a model name or bundle folder, optionally prefixed by its backend "
+                        "(teachers=litemedsam, prismrt=FOLDER); repeatable, the first is compared with each other "
+                        "by a paired Wilcoxon test (default: the default backend and model)")
+    p.add_argument("--baseline", action="append", default=[], choices=("box-filled",),
+                   help="add a baseline method (box-filled: the tight box, filled; in box rows)")
+    p.add_argument("--mode", action="append", default=[], choices=MODES_CHOICES,
+                   help="2d (central slice) and/or 3d (propagated); repeatable (default 3d)")
+    p.add_argument("--first", action="append", default=[], choices=FIRST_CHOICES,
+                   help="first prompt: a click at the deepest point, and/or the tight box on the central slice; "
+                        "repeatable (default click)")
+    p.add_argument("--clicks", type=int, default=3, help="prompts per run, the first included (default 3)")
     p.add_argument("--no-cross-views", dest="cross_views", action="store_false",
                    help="propagate without the orthogonal views that bound how far the structure reaches")
-    p.add_argument("--limit", type=int, help="evaluate only the first N cases")
-    p.add_argument("--window", default="head-and-neck")
+    p.add_argument("--orientation", choices=("axial", "coronal", "sagittal"), default="axial")
+    p.add_argument("--limit", type=int, help="evaluate only the first N cases of each source")
+    p.add_argument("--window", help="CT window preset (default: each model's own)")
     p.add_argument("--out", required=True, type=Path, help="output folder for results.json and results.md")
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("register", parents=[common], help="deformable registration with QA")
     p.add_argument("fixed", type=_existing_path)
     p.add_argument("moving", type=_existing_path)
-    p.add_argument("--backend", choices=("prismrt", "teachers"), default="prismrt")
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto")
     p.add_argument("--out", required=True, type=Path, help="output folder")
 
     p = sub.add_parser("ask", parents=[common], help="answer a free-text question about a CT")
     p.add_argument("image", type=_existing_path)
     p.add_argument("question")
-    p.add_argument("--backend", choices=("prismrt", "teachers"), default="prismrt")
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto")
 
     p = sub.add_parser(
         "models", parents=[common], help="list, download, import, locate or remove model weights",
@@ -225,7 +241,10 @@ def cmd_models(args) -> int:
         if not statuses:
             print("the manifest lists no models (add your own with PRISMRT_MANIFEST)")
         for s in statuses:
-            state = f"installed at {s.path}" if s.installed else "not installed"
+            if s.converted:
+                state = f"converted at {s.path}" if s.installed else "made on first use from its verified source"
+            else:
+                state = f"installed at {s.path}" if s.installed else "not installed"
             print(f"{s.name} {s.version}  {s.size / 1e6:.1f} MB  licence {s.licence}  {state}")
         return 0
     if action == "import":
@@ -251,11 +270,36 @@ def cmd_models(args) -> int:
     return 0
 
 
+def _warn(message: str) -> None:
+    print(f"prismrt: warning: {message}", file=sys.stderr)
+
+
+def _check_output(path: Path, overwrite: bool, flag: str = "--out") -> None:
+    """Refuse an existing output (without --overwrite) or one that cannot be written, before any work starts."""
+    import os
+
+    if path.exists() and not overwrite:
+        raise PrismRTError(f"'{path}' already exists: choose another {flag} or pass --overwrite")
+    parent = path.parent if not path.is_dir() else path
+    probe = parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise PrismRTError(f"cannot write '{path}': '{probe}' is not writable; choose another {flag}")
+
+
+def _split_model(spec: str) -> tuple[str, str | None]:
+    """'teachers=NAME' -> ("teachers", "NAME"); 'NAME' -> ("auto", "NAME"); 'teachers' -> ("teachers", None)."""
+    for backend in BACKEND_CHOICES:
+        if spec == backend:
+            return backend, None
+        if spec.startswith(backend + "="):
+            return backend, spec[len(backend) + 1:] or None
+    return "auto", spec
+
+
 def cmd_segment(args) -> int:
-    from .features import open_backend
-    from .imaging import read_image, write_image
     from .imaging.geometry import parse_point, ras_to_lps
-    from .segmentation import SegmentationSession
 
     def point(text):
         p = parse_point(text)
@@ -270,11 +314,23 @@ def cmd_segment(args) -> int:
         corners = point(",".join(values[:3])), point(",".join(values[3:]))
     if not positives and corners is None:
         raise PrismRTError("give at least one --point on the structure (or a --box)")
-    if args.out.exists() and not args.overwrite:
-        raise PrismRTError(f"'{args.out}' already exists: choose another --out or pass --overwrite")
+    if args.window:
+        from .imaging.intensity import get_window
+
+        get_window(args.window)  # an unknown preset is refused before anything loads
+    _check_output(args.out, args.overwrite)
+
+    import numpy as np
+
+    from .features import open_backend
+    from .imaging import read_image, write_image
+    from .segmentation import SegmentationSession
+
     image = read_image(args.image)
     backend = open_backend(args.backend, args.model, args.device, progress=_progress_printer("weights"))
     session = SegmentationSession(backend, image, args.orientation, window=args.window)
+    for warning in session.summary.warnings:
+        _warn(warning)
     results = []
     if corners is not None:
         results.append(session.set_box(*corners))
@@ -282,79 +338,114 @@ def cmd_segment(args) -> int:
         results.append(session.add_point(p, positive=True))
     for p in negatives:
         results.append(session.add_point(p, positive=False))
+    warnings = list(dict.fromkeys(results[-1].warnings))
     if args.propagate:
         session.propagate(cross_views=args.cross_views)
+        warnings += session.last_propagation.warnings
     mask = session.result()
     write_image(mask, args.out, overwrite=args.overwrite)
-    import numpy as np
-
     voxels = int(np.count_nonzero(session.mask))
     cc = voxels * float(np.prod(image.GetSpacing())) / 1000.0
     slices = int(np.count_nonzero(session.plane.stack_view(session.mask).any(axis=(1, 2))))
     last = results[-1]
     print(f"wrote {args.out}: {cc:.1f} cm3 on {slices} {args.orientation} slice(s); "
-          f"predicted IoU on slice {last.index}: {last.score:.2f} ({backend.name} backend, {backend.device})")
+          f"predicted IoU on slice {last.index}: {last.score:.2f} ({backend.describe()}, {backend.device}; "
+          f"{session.intensity.describe()})")
+    for warning in warnings:
+        _warn(warning)
     if backend.fallback_message:
-        print(f"prismrt: warning: {backend.fallback_message}", file=sys.stderr)
+        _warn(backend.fallback_message)
     return 0
 
 
 def cmd_eval_seg(args) -> int:
-    import json
     import time
 
     import SimpleITK as sitk
 
-    from .features import open_backend
-    from .imaging import read_image
-    from .seg_eval import evaluate_case, find_cases, markdown_table, summarise, to_records, wilcoxon
+    from .features import VolumeFeatures, open_backend
+    from .imaging import check_volume, read_image, slice_intensity
+    from .segmentation.cases import load_cases, select
+    from .segmentation.evaluation import (BOX_FILLED, evaluate_case, markdown_tables, prompt_label, summarise,
+                                          to_records, wilcoxon, write_results)
 
-    structures = args.structure or ["PTV70"]
-    backends = list(dict.fromkeys(args.backend or ["prismrt"]))
+    modes = list(dict.fromkeys(args.mode or ["3d"]))
+    firsts = list(dict.fromkeys(args.first or ["click"]))
     outputs = [args.out / "results.json", args.out / "results.md"]
     if any(p.exists() for p in outputs) and not args.overwrite:
         raise PrismRTError(f"{args.out} already holds results: choose another --out or pass --overwrite")
+    _check_output(args.out / "results.json", True)
     if args.clicks < 1:
         raise PrismRTError("--clicks must be at least 1")
-    models = {"prismrt": args.prismrt_model, "teachers": args.teachers_model}
-    results, timing = [], {}
-    for name in backends:
-        backend = open_backend(name, models[name], args.device, progress=_progress_printer("weights"))
+    if args.window:
+        from .imaging.intensity import get_window
+
+        get_window(args.window)
+    if args.baseline and "box" not in firsts:
+        raise PrismRTError("--baseline box-filled is a box baseline: add --first box")
+    pairs = []
+    for source in args.cases:
+        cases = load_cases(source)[: args.limit]
+        pairs += select(cases, args.structure or None)
+    if not pairs:
+        raise PrismRTError(f"no case has the structure(s) {', '.join(args.structure)}: see the cases' mask names")
+    methods = [_split_model(m) for m in (args.model or ["auto"])]
+    results, timing, labels = [], {}, []
+    images: dict = {}
+    for backend_name, model in methods:
+        backend = open_backend(backend_name, model, args.device, progress=_progress_printer("weights"))
+        label = model if model else backend.name
+        if label in labels:
+            raise PrismRTError(f"method '{label}' is given twice")
+        labels.append(label)
         start = time.perf_counter()
-        for structure in structures:
-            cases = find_cases(args.cases, structure)[: args.limit]
-            if not cases:
-                raise PrismRTError(f"no case in {args.cases} has ct.nii.gz and {structure}.nii.gz")
-            for case, ct_path, mask_path in cases:
-                image = read_image(ct_path)
-                reference = sitk.GetArrayFromImage(read_image(mask_path)) > 0
-                if not reference.any():
-                    continue
-                results += evaluate_case(backend, image, reference, case=case, structure=structure,
-                                         max_clicks=args.clicks, window=args.window,
-                                         cross_views=args.cross_views, first=args.first)
-                last = results[-1]
-                print(f"{name} {structure} {case}: DSC {last.dice:.3f} after {last.clicks} prompts", file=sys.stderr)
-        timing[name] = time.perf_counter() - start
+        for case, structure in pairs:
+            if case.id not in images:
+                images = {case.id: read_image(case.image)}  # one CT in memory at a time
+            image = images[case.id]
+            reference = case.reference(structure, image)
+            if not reference.any():
+                continue
+            summary = check_volume(image)
+            window = args.window or backend.default_window
+            features = VolumeFeatures(backend, image, slice_intensity(sitk.GetArrayViewFromImage(image), window,
+                                                                      summary.is_ct))
+            results += evaluate_case(backend, image, reference, case=case.id, structure=structure, method=label,
+                                     modes=modes, firsts=firsts, max_prompts=args.clicks,
+                                     orientation=args.orientation, window=window, cross_views=args.cross_views,
+                                     group=case.group, features=features)
+            last = results[-1]
+            print(f"{label} {structure} {case.id}: DSC {last.dice:.3f} ({last.mode}, "
+                  f"{prompt_label(last.first, last.prompts)})", file=sys.stderr)
+        timing[label] = time.perf_counter() - start
+    if args.baseline:
+        labels.append(BOX_FILLED)
+        for case, structure in pairs:
+            image = read_image(case.image)
+            reference = case.reference(structure, image)
+            if reference.any():
+                results += evaluate_case(backend, image, reference, case=case.id, structure=structure, modes=modes,
+                                         firsts=["box"], orientation=args.orientation, group=case.group,
+                                         baseline=True, window=args.window or backend.default_window)
     rows = summarise(results)
     tests = {}
-    if len(backends) == 2:
-        for structure in structures:
-            for clicks in range(1, args.clicks + 1):
-                subset = [r for r in results if r.structure == structure]
-                tests[f"{structure}/{clicks}"] = wilcoxon(subset, backends[0], backends[1], clicks)
-    args.out.mkdir(parents=True, exist_ok=True)
-    outputs[0].write_text(json.dumps({"first_prompt": args.first, "summary": rows, "wilcoxon_dice": tests,
-                                      "seconds": timing, "cases": to_records(results)}, indent=2) + "\n")
-    text = markdown_table(rows)
-    if args.first == "box":
-        text = ("First prompt: the structure's bounding box on one slice, then clicks ('clicks' counts the box)."
-                f"\n\n{text}")
+    for other in labels[1:]:
+        if other == BOX_FILLED:
+            continue
+        for mode in modes:
+            for first in firsts:
+                for n in range(1, args.clicks + 1):
+                    tests[f"{labels[0]} vs {other}/{mode}/{prompt_label(first, n)}"] = wilcoxon(
+                        results, labels[0], other, mode=mode, first=first, prompts=n)
+    text = markdown_tables(rows, labels)
     if tests:
-        text += "\n\nPaired Wilcoxon signed-rank test of DSC, " + f"{backends[0]} vs {backends[1]}:\n\n"
-        text += "| structure/clicks | n | p |\n|---|---|---|\n" + "\n".join(
+        text += "\n\nPaired Wilcoxon signed-rank test of DSC over (case, structure) pairs:\n\n"
+        text += "| comparison | n | p |\n|---|---|---|\n" + "\n".join(
             f"| {k} | {v['n']} | {v['p_value']:.3g} |" for k, v in tests.items())
-    outputs[1].write_text(text + "\n")
+    payload = {"command": "prismrt " + " ".join(sys.argv[1:]) if sys.argv else "", "methods": labels,
+               "modes": modes, "first_prompts": firsts, "summary": rows, "wilcoxon_dice": tests,
+               "seconds": timing, "cases": to_records(results)}
+    write_results(args.out, payload, text)
     print(text)
     return 0
 

@@ -46,10 +46,11 @@ if str(REPO) not in sys.path:  # run as a script from a source tree
     sys.path.insert(0, str(REPO))
 
 from PRISMRTLib.errors import PrismRTError  # noqa: E402
-from PRISMRTLib.models.biomedclip import BIOMEDCLIP_PRESETS, BiomedCLIPConfig, build_biomedclip  # noqa: E402
-from PRISMRTLib.models.bundle import TEACHER_SETS, load_bundle, save_bundle  # noqa: E402
-from PRISMRTLib.models.dinov3 import DINOV3_PRESETS, DinoV3Config, build_dinov3  # noqa: E402
-from PRISMRTLib.models.medsam import MEDSAM_PRESETS, MedSAMConfig, build_medsam  # noqa: E402
+from PRISMRTLib.models.biomedclip import BiomedCLIPConfig, build_biomedclip  # noqa: E402
+from PRISMRTLib.models.bundle import load_bundle, save_bundle  # noqa: E402
+from PRISMRTLib.models.registry import TEACHER_SETS, spec_record, teacher_set  # noqa: E402
+from PRISMRTLib.models.dinov3 import DinoV3Config, build_dinov3  # noqa: E402
+from PRISMRTLib.models.medsam import MedSAMConfig, build_medsam  # noqa: E402
 
 CONVERTER = "training/convert_teachers.py"
 CONVERTER_VERSION = "1.0"
@@ -619,10 +620,10 @@ def convert_teachers(
     out = Path(out)
     if out.exists() and not overwrite:
         raise ConversionError(f"'{out}' already exists: choose another folder or pass --overwrite")
-    presets = TEACHER_SETS[teachers]
-    medsam_cfg = MEDSAM_PRESETS[presets["medsam"]]
-    dino_preset = DINOV3_PRESETS[presets["dinov3"]]
-    clip_cfg = BIOMEDCLIP_PRESETS[presets["biomedclip"]]
+    specs = teacher_set(teachers)
+    medsam_cfg = specs["sam"].config
+    dino_preset = specs["dino"].config
+    clip_cfg = specs["clip"].config
 
     log(f"MedSAM: {medsam}")
     medsam_model, medsam_info = convert_medsam(medsam, medsam_cfg)
@@ -636,14 +637,16 @@ def convert_teachers(
     log(f"BiomedCLIP: {biomedclip}")
     with tempfile.TemporaryDirectory(prefix="prismrt-convert-") as tmp:
         clip_model, vocab_path, clip_info = convert_biomedclip(biomedclip, clip_cfg, vocab, Path(tmp))
-        configs = {"medsam": medsam_cfg.to_dict(), "dinov3": dino_cfg.to_dict(), "biomedclip": clip_cfg.to_dict()}
+        configs = {"teachers": {"sam": spec_record(specs["sam"]),
+                                "dino": spec_record(specs["dino"].with_config(dino_cfg)),
+                                "clip": spec_record(specs["clip"])}}
         meta = {
             "converter": CONVERTER, "converter_version": CONVERTER_VERSION, "teacher_set": teachers,
             "torch": torch.__version__,
             "sources": {"medsam": medsam_info, "dinov3": dino_info, "biomedclip": clip_info},
         }
         folder = save_bundle(
-            out, "teachers", configs, {"medsam": medsam_model, "dinov3": dino_model, "biomedclip": clip_model},
+            out, "teachers", configs, {"sam": medsam_model, "dino": dino_model, "clip": clip_model},
             vocab_path, name=name or f"prismrt-teachers-{teachers}", version=version or CONVERTER_VERSION,
             meta=meta, overwrite=overwrite,
         )

@@ -94,3 +94,41 @@ def ct_likelihood_problems(values) -> list[str]:
     if p99 > 4000:
         problems.append(f"99th percentile {p99:g} is above the CT range of HU")
     return problems
+
+
+@dataclass(frozen=True)
+class SliceIntensity:
+    """How a volume's values become a model's [0, 1] input: a CT window in HU, or for MR and other images without an
+    absolute scale, two percentiles of the whole volume's foreground (fixed per volume, so every slice is scaled
+    alike; never a CT window)."""
+
+    kind: str  # "window" or "percentiles"
+    lower: float
+    upper: float
+    name: str = ""
+
+    def apply(self, values) -> np.ndarray:
+        values = np.asarray(values, dtype=np.float32)
+        return np.clip((values - np.float32(self.lower)) / np.float32(self.upper - self.lower), 0.0, 1.0)
+
+    def describe(self) -> str:
+        if self.kind == "window":
+            level, width = (self.lower + self.upper) / 2, self.upper - self.lower
+            return f"CT window {self.name + ' ' if self.name else ''}L{level:g}/W{width:g} HU"
+        return f"percentiles 0.5-99.5 of the volume's foreground ({self.lower:.4g} .. {self.upper:.4g})"
+
+
+def slice_intensity(values, window: "Window | str", is_ct: bool, name: str = "") -> SliceIntensity:
+    """The mapping a volume's slices reach the models with: ``window`` for CT, volume percentiles otherwise."""
+    if is_ct:
+        if isinstance(window, str):
+            window, name = get_window(window), window
+        return SliceIntensity("window", window.lower, window.upper, name)
+    values = np.asarray(values)
+    sample = values.ravel()[:: max(1, values.size // 2_000_000)].astype(np.float32)
+    foreground = sample[sample > np.percentile(sample, 1)] if np.ptp(sample) > 0 else sample
+    lo, hi = np.percentile(foreground if foreground.size else sample, [0.5, 99.5])
+    if not hi > lo:
+        raise InvalidImageError("the image has no intensity contrast in its foreground: check that the right image "
+                                "is loaded")
+    return SliceIntensity("percentiles", float(lo), float(hi))

@@ -148,3 +148,17 @@ class Letterbox:
             sitk.sitkFloat32 if order else source.GetPixelID(),
         )
         return sitk.GetArrayFromImage(out)
+
+
+def crop_with_padding(array: np.ndarray, row0: float, col0: float, shape: tuple[int, int], fill) -> np.ndarray:
+    """The ``shape`` sub-array of a 2D array starting at pixel (``row0``, ``col0``) (rounded to whole pixels), with
+    ``fill`` where it reaches outside. A zoomed view of a slice is this crop, letterboxed; slice coordinates are crop
+    coordinates plus the rounded origin."""
+    r0, c0 = int(round(row0)), int(round(col0))
+    h, w = (int(v) for v in shape)
+    out = np.full((h, w), fill, dtype=array.dtype)
+    rs, cs = max(r0, 0), max(c0, 0)
+    re, ce = min(r0 + h, array.shape[0]), min(c0 + w, array.shape[1])
+    if re > rs and ce > cs:
+        out[rs - r0:re - r0, cs - c0:ce - c0] = array[rs:re, cs:ce]
+    return out

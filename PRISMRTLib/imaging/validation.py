@@ -35,6 +35,11 @@ class VolumeSummary:
     intensity_percentiles: dict[str, float]
     warnings: list[str] = field(default_factory=list)
 
+    @property
+    def is_ct(self) -> bool:
+        """CT by its DICOM modality, or (without one) by intensities that look like HU."""
+        return self.modality.startswith("CT")
+
     def to_dict(self) -> dict:
         return {
             "size_ijk": list(self.size),

@@ -15,17 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .biomedclip import BIOMEDCLIP_PRESETS, BiomedCLIPConfig, ClipVisionTower
-from .dinov3 import DINOV3_PRESETS, DinoV3Config, build_dinov3, dinov3_input
-from .medsam import MEDSAM_PRESETS, MedSAMConfig
-
-
-@dataclass(frozen=True)
-class FeatureTarget:
-    """One translated feature: ``channels`` wide, on a ``grid`` x ``grid`` map (grid 0: a vector)."""
-
-    channels: int
-    grid: int = 0
+from .dinov3 import dinov3_input
+from .registry import FeatureTarget, TeacherSpec, student_targets, teacher_set
 
 
 @dataclass(frozen=True)
@@ -34,7 +25,7 @@ class StudentConfig:
     img_size: int = 512  # default input size; any multiple of 16 works (RoPE)
     overrides: dict = field(default_factory=dict)
     translator_hidden: int = 512
-    targets: dict = field(default_factory=dict)  # name -> FeatureTarget as dict
+    targets: dict = field(default_factory=dict)  # SliceFeatures field -> FeatureTarget as dict (from the registry)
 
     def target(self, name: str) -> FeatureTarget:
         return FeatureTarget(**self.targets[name])
@@ -47,40 +38,20 @@ class StudentConfig:
         return cls(**d)
 
 
-TARGET_NAMES = ("medsam", "dino_patches", "dino_cls", "clip_patches", "clip_cls")
+STUDENT_PRESETS = {
+    "vit_base": dict(timm_name="vit_base_patch16_dinov3", translator_hidden=512),
+    "vit_small": dict(timm_name="vit_small_patch16_dinov3", translator_hidden=384),
+    "tiny": dict(timm_name="vit_small_patch16_dinov3", img_size=128, translator_hidden=32,
+                 overrides={"embed_dim": 48, "depth": 2, "num_heads": 2}),
+}
 
 
-def teacher_targets(medsam: MedSAMConfig, dino: DinoV3Config, clip: BiomedCLIPConfig) -> dict:
-    """The feature shapes each teacher produces at its native input size (read off meta-device models)."""
-    with torch.device("meta"):
-        dino_model = build_dinov3(dino)
-        clip_trunk = ClipVisionTower(clip).trunk
-    dino_width, clip_width = dino_model.num_features, clip_trunk.num_features
-    return {
-        "medsam": asdict(FeatureTarget(medsam.prompt_embed_dim, medsam.embedding_size)),
-        "dino_patches": asdict(FeatureTarget(dino_width, dino.img_size // dino_model.patch_embed.patch_size[0])),
-        "dino_cls": asdict(FeatureTarget(dino_width)),
-        "clip_patches": asdict(FeatureTarget(clip_width, clip.image_size // clip_trunk.patch_embed.patch_size[0])),
-        "clip_cls": asdict(FeatureTarget(clip_width)),
-    }
-
-
-def make_student_config(preset: str, teachers: str, **kw) -> StudentConfig:
-    """A student preset ("vit_base", "vit_small", "tiny") aimed at a set of teacher presets."""
-    backbones = {
-        "vit_base": dict(timm_name="vit_base_patch16_dinov3", translator_hidden=512),
-        "vit_small": dict(timm_name="vit_small_patch16_dinov3", translator_hidden=384),
-        "tiny": dict(timm_name="vit_small_patch16_dinov3", img_size=128, translator_hidden=32,
-                     overrides={"embed_dim": 48, "depth": 2, "num_heads": 2}),
-    }
-    teacher_sets = {
-        "official": ("vit_b", "vit_base", "vit_base"),
-        "standin": ("standin", "standin", "standin"),
-        "tiny": ("tiny", "tiny", "tiny"),
-    }
-    m, d, c = teacher_sets[teachers]
-    targets = teacher_targets(MEDSAM_PRESETS[m], DINOV3_PRESETS[d], BIOMEDCLIP_PRESETS[c])
-    return StudentConfig(**{**backbones[preset], "targets": targets, **kw})
+def make_student_config(preset: str, teachers: "str | dict[str, TeacherSpec]", **kw) -> StudentConfig:
+    """A student preset ("vit_base", "vit_small", "tiny") aimed at a teacher set (a registry name or role -> spec):
+    one translator per feature the teachers produce."""
+    specs = teacher_set(teachers) if isinstance(teachers, str) else teachers
+    targets = {name: asdict(t) for name, t in student_targets(specs).items()}
+    return StudentConfig(**{**STUDENT_PRESETS[preset], "targets": targets, **kw})
 
 
 class DenseTranslator(nn.Module):
@@ -124,7 +95,7 @@ class Student(nn.Module):
         )
         width = self.backbone.num_features
         self.translators = nn.ModuleDict()
-        for name in TARGET_NAMES:
+        for name in config.targets:
             target = config.target(name)
             kind = DenseTranslator if target.grid else VectorTranslator
             self.translators[name] = kind(width, config.translator_hidden, target)

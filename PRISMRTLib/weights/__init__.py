@@ -34,7 +34,7 @@ from .errors import (
 from .manifest import (
     FileEntry, Manifest, ModelEntry, default_manifest, load_manifest, model_entry_for_folder, parse_manifest,
 )
-from .store import ModelStatus, ensure_model, import_model, list_models, remove_model
+from .store import ModelStatus, ensure_model, import_model, is_available, list_models, remove_model
 
 __all__ = [
     "ChecksumMismatchError",
@@ -63,6 +63,7 @@ __all__ = [
     "download_file",
     "ensure_model",
     "import_model",
+    "is_available",
     "list_models",
     "load_manifest",
     "model_entry_for_folder",

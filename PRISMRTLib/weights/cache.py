@@ -146,6 +146,15 @@ def model_path(name: str, manifest: Manifest | None = None) -> Path:
     shipped = shipped_dir(model)
     if shipped is not None:
         return shipped
+    if model.convert:
+        from .convert import converted_dir, converted_ok, local_sources
+
+        if converted_ok(model):
+            return converted_dir(model)
+        how = ("it is made from files already on this machine the first time it is used ('prismrt models download "
+               f"{name}' makes it now)" if local_sources(model, verify=False) is not None else
+               f"its source files are missing: 'prismrt models import {name} FILE'")
+        raise WeightsNotInstalledError(f"model '{name}' (version {model.version}) is not converted yet: {how}")
     states = check_files(model)
     bad = [s for s in states if not s.ok]
     if bad:

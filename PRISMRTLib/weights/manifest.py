@@ -31,17 +31,22 @@ PART_SUFFIX = ".part"  # partial downloads and imports: "<file>.part" next to th
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _MODEL_KEYS = {"name", "version", "description", "licence", "homepage", "files"}
+_MODEL_OPTIONAL = {"convert"}
 _FILE_KEYS = {"name", "url", "size", "sha256"}
+_FILE_OPTIONAL = {"package"}
+_PACKAGE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z0-9._/+-]+$")
 
 
 @dataclass(frozen=True)
 class FileEntry:
-    """One file of a model: ``name`` is a relative POSIX path in the model folder; ``urls`` are mirrors, in order."""
+    """One file of a model: ``name`` is a relative POSIX path in the model folder; ``urls`` are mirrors, in order;
+    ``package`` (``module:path``) a copy inside an installed Python package, used in place once verified."""
 
     name: str
     urls: tuple[str, ...]
     size: int
     sha256: str
+    package: str = ""
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,7 @@ class ModelEntry:
     licence: str
     homepage: str
     files: tuple[FileEntry, ...]
+    convert: str = ""  # a converter name: the files are sources, the model is the bundle converted from them
 
     @property
     def size(self) -> int:
@@ -143,7 +149,7 @@ def _parse_model(item: Any, where: str) -> ModelEntry:
     name = item.get("name")
     if isinstance(name, str):
         where = f"{where} '{name}'"
-    _check_keys(item, _MODEL_KEYS, where)
+    _check_keys(item, _MODEL_KEYS, where, _MODEL_OPTIONAL)
     name = _safe_name(item, "name", where)
     version = _safe_name(item, "version", where)
     text = {key: _string(item, key, where) for key in ("description", "licence", "homepage")}
@@ -159,7 +165,10 @@ def _parse_model(item: Any, where: str) -> ModelEntry:
             raise ManifestError(f"{where}: files[{index}]: '{entry.name}' is listed twice")
         seen.add(entry.name.lower())
         files.append(entry)
-    return ModelEntry(name, version, text["description"], text["licence"], text["homepage"], tuple(files))
+    convert = item.get("convert", "")
+    if not isinstance(convert, str) or (convert and not _SAFE_NAME.match(convert)):
+        raise ManifestError(f"{where}: 'convert' must name a converter (letters, digits, . _ + -), got {convert!r}")
+    return ModelEntry(name, version, text["description"], text["licence"], text["homepage"], tuple(files), convert)
 
 
 def _parse_file(item: Any, where: str) -> FileEntry:
@@ -167,13 +176,17 @@ def _parse_file(item: Any, where: str) -> FileEntry:
         raise ManifestError(f"{where}: a file must be a JSON object")
     if isinstance(item.get("name"), str):
         where = f"{where} '{item['name']}'"
-    _check_keys(item, _FILE_KEYS, where)
+    _check_keys(item, _FILE_KEYS, where, _FILE_OPTIONAL)
     name = _file_path(item["name"], where)
+    package = item.get("package", "")
+    if not isinstance(package, str) or (package and not _PACKAGE.match(package)):
+        raise ManifestError(f"{where}: 'package' must be 'module:path/in/package', got {package!r}")
     urls = item["url"]
     if isinstance(urls, str):
         urls = [urls]
-    if not isinstance(urls, list) or not urls:
-        raise ManifestError(f"{where}: 'url' must be a non-empty list of http(s) URLs")
+    if not isinstance(urls, list) or (not urls and not package):
+        raise ManifestError(f"{where}: 'url' must be a non-empty list of http(s) URLs (it may be empty only when "
+                            "'package' names where the file is installed)")
     for url in urls:
         parts = urlsplit(url) if isinstance(url, str) else None
         if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
@@ -184,12 +197,12 @@ def _parse_file(item: Any, where: str) -> FileEntry:
     sha = item["sha256"]
     if not isinstance(sha, str) or not _SHA256.match(sha.lower()):
         raise ManifestError(f"{where}: 'sha256' must be 64 hexadecimal digits, got {sha!r}")
-    return FileEntry(name, tuple(urls), size, sha.lower())
+    return FileEntry(name, tuple(urls), size, sha.lower(), package)
 
 
-def _check_keys(item: dict, expected: set[str], where: str) -> None:
+def _check_keys(item: dict, expected: set[str], where: str, optional: set[str] = frozenset()) -> None:
     missing = expected - set(item)
-    unknown = set(item) - expected
+    unknown = set(item) - expected - optional
     hints = {"license": "licence", "urls": "url", "sha-256": "sha256", "hash": "sha256"}
     if unknown:
         hint = "".join(f" (did you mean '{hints[k]}'?)" for k in sorted(unknown) if k in hints)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 import os
 import zipfile
 from collections.abc import Callable, Iterator
@@ -48,6 +49,8 @@ class ModelStatus:
     """All files present and verified (size and SHA-256)."""
     path: Path
     """The model's folder in the cache (it exists only when something was downloaded or imported)."""
+    converted: bool = False
+    """Made on first use from verified source files (see :mod:`PRISMRTLib.weights.convert`)."""
 
 
 def ensure_model(
@@ -68,12 +71,23 @@ def ensure_model(
     shipped = shipped_dir(model)
     if shipped is not None:
         return shipped
+    if model.convert:
+        from .convert import ensure_converted
+
+        return ensure_converted(model, download=lambda: _download(model, progress, cancel, config))
+    return _download(model, progress, cancel, config)
+
+
+def _download(model: ModelEntry, progress: Progress | None, cancel: Cancel, config: DownloadConfig | None) -> Path:
+    """Download the files of ``model`` that are not in the cache yet (verified); returns its cache folder."""
+    name = model.name
     folder = model_dir(model)
     if all(s.ok for s in check_files(model)):
         return folder
     is_cancelled = cancel_check(cancel)
     config = config or DownloadConfig()
-    with model_lock(model), _cache_write_errors(folder):
+    # a converted model's sources are fetched under the lock its conversion already holds
+    with model_lock(model) if not model.convert else contextlib.nullcontext(), _cache_write_errors(folder):
         states = check_files(model)  # again: another process may have finished meanwhile
         todo = [s for s in states if not s.ok]
         for state in todo:
@@ -149,10 +163,39 @@ def list_models(manifest: Manifest | None = None) -> list[ModelStatus]:
     statuses = []
     for model in (manifest or default_manifest()).models.values():
         shipped = shipped_dir(model)
-        installed = shipped is not None or all(s.ok for s in check_files(model))
+        if model.convert:
+            from .convert import converted_dir, converted_ok
+
+            installed, path = converted_ok(model), converted_dir(model)
+        else:
+            installed = shipped is not None or all(s.ok for s in check_files(model))
+            path = shipped or model_dir(model)
         statuses.append(ModelStatus(model.name, model.version, model.description, model.licence, model.homepage,
-                                    model.size, installed, shipped or model_dir(model)))
+                                    model.size, installed, path, bool(model.convert)))
     return statuses
+
+
+def is_available(name: str, manifest: Manifest | None = None) -> bool:
+    """Whether model ``name`` can be used without the network: shipped, installed, or convertible from files on this
+    machine; for a bundle on a ``base`` model, that model too."""
+    manifest = manifest or default_manifest()
+    if name not in manifest.models:
+        return False
+    model = manifest.get(name)
+    if model.convert:
+        from .convert import converted_ok, local_sources
+
+        return converted_ok(model) or local_sources(model, verify=False) is not None
+    folder = shipped_dir(model)
+    if folder is None:
+        if not all(s.ok for s in check_files(model)):
+            return False
+        folder = model_dir(model)
+    try:
+        base = json.loads((folder / "config.json").read_text()).get("base")
+    except (OSError, ValueError):
+        base = None
+    return base is None or (base.get("model") != name and is_available(base["model"], manifest))
 
 
 def remove_model(name: str, *, all_versions: bool = False, manifest: Manifest | None = None) -> list[Path]:
@@ -200,6 +243,10 @@ _Opener = Callable[[FileEntry], IO[bytes]]
 @contextlib.contextmanager
 def _open_source(source: Path, model: ModelEntry) -> Iterator[tuple[_Opener, dict[str, str]]]:
     """Find the model's files in a folder or zip: yields (opener, problems found from names and sizes alone)."""
+    if source.is_file() and not zipfile.is_zipfile(source) and len(model.files) == 1:
+        entry = model.files[0]  # a model of one file: the file itself, under any name
+        yield (lambda e: open(source, "rb")), _size_problems(model, {entry.name: _file_size(source)})
+        return
     if source.is_dir():
         roots = [source, source / model.name, source / model.name / model.version]
         sizes = [{e.name: _file_size(r / e.name) for e in model.files} for r in roots]

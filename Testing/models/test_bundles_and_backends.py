@@ -66,7 +66,7 @@ def test_bundle_round_trip_reproduces_outputs(bundles, kind, ct_slices):
 def test_both_backends_return_identical_shapes_and_types(bundles, ct_slices):
     root, _ = bundles
     slices, spacing = ct_slices
-    teachers = TeacherBackend(load_bundle(root / "teachers"))
+    teachers = TeacherBackend.from_bundle(load_bundle(root / "teachers"))
     student = StudentBackend(load_bundle(root / "prismrt"))
     ft, fs = teachers.encode(slices, spacing), student.encode(slices, spacing)
     assert ft.shapes() == fs.shapes()
@@ -94,16 +94,16 @@ def test_batching_does_not_change_features(bundles, ct_slices):
     root, _ = bundles
     slices, spacing = ct_slices
     bundle = load_bundle(root / "teachers")
-    whole = TeacherBackend(bundle, batch_size=8).encode(slices, spacing)
-    pieces = TeacherBackend(bundle, batch_size=1).encode(slices, spacing)
+    whole = TeacherBackend.from_bundle(bundle, batch_size=8).encode(slices, spacing)
+    pieces = TeacherBackend.from_bundle(bundle, batch_size=1).encode(slices, spacing)
     torch.testing.assert_close(whole.sam_embedding, pieces.sam_embedding, rtol=1e-4, atol=1e-5)
-    one = TeacherBackend(bundle).encode(slices[1], spacing)
+    one = TeacherBackend.from_bundle(bundle).encode(slices[1], spacing)
     torch.testing.assert_close(one.dino_patches[0], whole.dino_patches[1], rtol=1e-4, atol=1e-5)
 
 
 def test_slices_must_be_windowed(bundles):
     root, _ = bundles
-    backend = TeacherBackend(load_bundle(root / "teachers"))
+    backend = TeacherBackend.from_bundle(load_bundle(root / "teachers"))
     with pytest.raises(ValueError, match=r"windowed to \[0, 1\]"):
         backend.encode(np.full((1, 16, 16), 40.0, np.float32))
 
@@ -134,13 +134,13 @@ def test_mismatched_bundle_is_refused(bundles, tmp_path, vocab):
     folder = tmp_path / "broken"
     _make("teachers", folder, vocab)
     config = json.loads((folder / "config.json").read_text())
-    config["configs"]["dinov3"]["overrides"]["embed_dim"] = 64
+    config["teachers"]["dino"]["config"]["overrides"]["embed_dim"] = 64
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(BundleError, match="does not match its config.json.*another shape"):
         load_bundle(folder)
     # tensors missing
-    config["configs"]["dinov3"]["overrides"]["embed_dim"] = 48
-    config["configs"]["dinov3"]["overrides"]["depth"] = 3
+    config["teachers"]["dino"]["config"]["overrides"]["embed_dim"] = 48
+    config["teachers"]["dino"]["config"]["overrides"]["depth"] = 3
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(BundleError, match="tensors missing"):
         load_bundle(folder)
@@ -171,19 +171,36 @@ def test_save_refuses_to_overwrite_and_checks_components(bundles, tmp_path, voca
     with pytest.raises(BundleError, match="already exists"):
         save_bundle(root / "teachers", "teachers", configs, made["teachers"], vocab, name="x", version="0")
     with pytest.raises(BundleError, match="needs the components"):
-        save_bundle(tmp_path / "t", "teachers", configs, {"medsam": made["teachers"]["medsam"]}, vocab, name="x",
+        save_bundle(tmp_path / "t", "teachers", configs, {"sam": made["teachers"]["sam"]}, vocab, name="x",
                     version="0")
 
 
 def test_no_pickle_on_any_load_path():
-    """PRISMRTLib never unpickles: no torch.load, pickle or numpy allow_pickle anywhere in the library."""
+    """PRISMRTLib never unpickles, but for the one verified file: LiteMedSAM's released checkpoint, read once with
+    torch.load(weights_only=True) after its size and SHA-256 matched, to convert it into safetensors."""
     offenders = []
     for path in (REPO / "PRISMRTLib").rglob("*.py"):
         text = path.read_text()
         for needle in ("torch.load(", "import pickle", "pickle.load", "allow_pickle=True", "torch.jit.load"):
             if needle in text:
                 offenders.append(f"{path.relative_to(REPO)}: {needle}")
-    assert offenders == []
+    assert offenders == ["PRISMRTLib/models/litemedsam.py: torch.load("]
+    text = (REPO / "PRISMRTLib" / "models" / "litemedsam.py").read_text()
+    calls = [line for line in text.splitlines() if "= torch.load(" in line]
+    assert len(calls) == 1 and "weights_only=True" in calls[0]
+
+
+def test_the_released_checkpoint_is_verified_before_it_is_unpickled(tmp_path, monkeypatch):
+    from PRISMRTLib.errors import PrismRTError
+    from PRISMRTLib.models import litemedsam
+
+    called = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: called.append(a))
+    fake = tmp_path / "lite_medsam.pth"
+    fake.write_bytes(b"\0" * litemedsam.RELEASED_SIZE)  # the right size, not the right bytes
+    with pytest.raises(PrismRTError, match="not the released LiteMedSAM checkpoint"):
+        litemedsam.read_released_checkpoint(fake)
+    assert called == []
 
 
 def test_half_precision_storage_loads_into_float32(tmp_path, vocab):
@@ -194,8 +211,8 @@ def test_half_precision_storage_loads_into_float32(tmp_path, vocab):
     modules = build_components("teachers", configs)
     save_bundle(tmp_path / "half", "teachers", configs, modules, vocab, name="h", version="0", float_dtype=torch.float16)
     loaded = load_bundle(tmp_path / "half")
-    p = dict(loaded.modules["dinov3"].named_parameters())["patch_embed.proj.weight"]
-    ref = dict(modules["dinov3"].named_parameters())["patch_embed.proj.weight"]
+    p = dict(loaded.modules["dino"].named_parameters())["patch_embed.proj.weight"]
+    ref = dict(modules["dino"].named_parameters())["patch_embed.proj.weight"]
     assert p.dtype == torch.float32
     torch.testing.assert_close(p, ref.half().float())
 
@@ -203,7 +220,7 @@ def test_half_precision_storage_loads_into_float32(tmp_path, vocab):
 def test_sam_only_features_for_delineation(bundles, ct_slices):
     root, _ = bundles
     slices, spacing = ct_slices
-    backend = TeacherBackend(load_bundle(root / "teachers"))
+    backend = TeacherBackend.from_bundle(load_bundle(root / "teachers"))
     full, sam = backend.encode(slices, spacing), backend.encode(slices, spacing, sam_only=True)
     torch.testing.assert_close(sam.sam_embedding, full.sam_embedding)
     assert sam.dino_patches is None and sam.clip_embedding is None

@@ -14,7 +14,7 @@ from prismrt_testing import SAMPLE_DIR
 
 @pytest.fixture(scope="module")
 def backend():
-    return open_backend("teachers", device="cpu")
+    return open_backend("teachers", "teachers-standin-openkbp", device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +26,13 @@ def _mask(name):
     return sitk.GetArrayFromImage(sitk.ReadImage(str(SAMPLE_DIR / f"{name}.nii.gz"))) > 0
 
 
-def test_teachers_backend_defaults_to_the_shipped_standins(backend):
-    assert backend.bundle.name == "teachers-standin-openkbp" and backend.bundle.kind == "teachers"
+def test_the_shipped_standins_fill_every_role(backend):
+    assert backend.roles == ("sam", "dino", "clip")
+    assert [backend.teacher(r).spec.name for r in backend.roles] == ["medsam-standin", "dinov3-standin",
+                                                                      "biomedclip-standin"]
+    assert backend.describe() == ("teachers: sam=teachers-standin-openkbp 2, dino=teachers-standin-openkbp 2, "
+                                  "clip=teachers-standin-openkbp 2")
+    assert backend.default_window == "head-and-neck"  # what the stand-in was trained with
 
 
 @pytest.mark.parametrize("structure", ["LeftParotid", "RightParotid"])

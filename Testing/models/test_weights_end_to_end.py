@@ -132,8 +132,21 @@ def test_a_model_shipped_in_the_package_needs_no_download(env, published, monkey
 def test_default_model_is_the_first_installed_then_the_first_known(env, monkeypatch):
     import PRISMRTLib.features as features
 
-    monkeypatch.setitem(features.DEFAULT_MODELS, "teachers", ("not-in-manifest", "tiny-teachers"))
-    assert open_backend("teachers", device="cpu").bundle.name == "tiny-teachers"  # downloaded on first use
+    monkeypatch.setitem(features.DEFAULT_MODELS, "sam", ("not-in-manifest", "tiny-teachers"))
+    backend = open_backend("teachers", device="cpu")
+    assert backend.describe() == "teachers: none loaded yet"  # roles load when first used
+    assert backend.teacher("sam").model == "tiny-teachers 1.0"  # downloaded on first use
     monkeypatch.setitem(features.DEFAULT_MODELS, "prismrt", ("not-in-manifest",))
     with pytest.raises(Exception, match="no model for the 'prismrt' backend is published yet"):
         open_backend("prismrt", device="cpu")
+    assert open_backend("auto", device="cpu").name == "teachers"  # no student anywhere: the teachers
+
+
+def test_auto_is_the_student_once_one_is_installed(env, monkeypatch):
+    import PRISMRTLib.features as features
+
+    monkeypatch.setitem(features.DEFAULT_MODELS, "prismrt", ("tiny-prismrt",))
+    assert open_backend("auto", device="cpu").name == "teachers"  # published but not installed: not yet
+    open_backend("prismrt", device="cpu")  # downloads it
+    assert open_backend("auto", device="cpu").name == "prismrt"
+    assert open_backend("auto", model="tiny-teachers", device="cpu").name == "teachers"  # a named model's kind

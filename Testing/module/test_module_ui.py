@@ -183,10 +183,10 @@ def test_widget_settings(panel):
 
     # delineation: the backends PRISMRTLib knows, the click modes are toggles, all off until a volume is chosen
     backends = panel.findChild(QtWidgets.QComboBox, "delineationBackendComboBox")
-    from PRISMRTLib.features import BACKENDS
+    from PRISMRTLib.features import BACKEND_CHOICES
 
     items = [backends.itemText(i) for i in range(backends.count())]
-    assert sorted(items) == sorted(BACKENDS) and items[0] == "teachers"  # the default: its stand-in weights ship
+    assert tuple(items) == BACKEND_CHOICES and items[0] == "auto"  # the default: the best installed model
     for name in ("positivePointButton", "negativePointButton", "boxButton"):
         assert panel.findChild(QtWidgets.QPushButton, name).isCheckable()
     for name in ("startDelineationButton", "positivePointButton", "negativePointButton", "boxButton",

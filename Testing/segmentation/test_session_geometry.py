@@ -246,12 +246,13 @@ def test_features_are_cached_and_bounded(phantom):
     backend = OracleBackend()
     session = SegmentationSession(backend, image, "axial", cache_slices=3)
     session.prefetch(60, radius=2)  # the radius is capped to what the cache holds: 59-61, not 58-62
-    assert backend.calls == 3 and [i for _, i in session._cache] == [60, 59, 61]  # nearest first
+    cache = session.volume_features
+    assert backend.calls == 3 and [i for _, i, _ in cache._cache] == [60, 59, 61]  # nearest first
     session.features(61)
     assert backend.calls == 3  # from the cache
     assert session.prefetch_next(60) is None  # nothing left to compute
     session.features(64)  # the oldest (60) is evicted
-    assert [i for _, i in session._cache] == [59, 61, 64]
+    assert [i for _, i, _ in cache._cache] == [59, 61, 64]
     assert session.prefetch_next(60) == 60 and backend.calls == 5
     assert session.prefetch_next(0, radius=1) == 0 and session.prefetch_next(0, radius=1) == 1  # no slice -1
 

@@ -297,7 +297,7 @@ def sam_outputs(sam, x01, point_xy, label):
 
 def test_medsam_image_embedding_and_point_prompt_match(teachers_bundle, medsam_official):
     _, reference = medsam_official
-    converted = teachers_bundle.modules["medsam"]
+    converted = teachers_bundle.modules["sam"]
     x = slices()
     ref = sam_outputs(reference, x, (40.0, 70.0), 1)
     out = sam_outputs(converted, x, (40.0, 70.0), 1)
@@ -380,9 +380,9 @@ def compare_dino(converted, reference, x, n_prefix=5):
 @pytest.mark.parametrize("hw", [(128, 128), (96, 160)])  # non-square: RoPE's y/x order and per-axis normalisation
 def test_dinov3_hf_layout_matches_transformers(teachers_bundle, dinov3_hf, hw):
     _, reference = dinov3_hf
-    assert teachers_bundle.configs["dinov3"]["timm_name"] == "vit_small_patch16_dinov3_qkvb"  # biases are non-zero
+    assert teachers_bundle.configs["teachers"]["dino"]["config"]["timm_name"] == "vit_small_patch16_dinov3_qkvb"  # biases are non-zero
     x = torch.randn(2, 3, *hw, generator=torch.Generator().manual_seed(5))
-    d_cls, d_patch, scale = compare_dino(teachers_bundle.modules["dinov3"], reference, x)
+    d_cls, d_patch, scale = compare_dino(teachers_bundle.modules["dino"], reference, x)
     assert scale > 1.0
     assert d_cls < ATOL and d_patch < ATOL
 
@@ -493,7 +493,7 @@ def test_dinov3_bad_files_are_refused_with_names(ct, tmp_path, dinov3_meta):
 
 def test_biomedclip_image_and_text_embeddings_match_open_clip(teachers_bundle, biomedclip_official):
     _, reference = biomedclip_official
-    converted = teachers_bundle.modules["biomedclip"]
+    converted = teachers_bundle.modules["clip"]
     x = biomedclip_input(slices(2, 64, seed=8))
     ids = teachers_bundle.tokenizer(["the left parotid gland", "is the tumour near the spinal cord"])
     assert ids.shape == (2, 32) and int((ids == 1).sum()) == 0  # every word is in the vocabulary ([UNK] is 1)
@@ -597,7 +597,7 @@ def test_cli_end_to_end(tmp_path, medsam_official, dinov3_meta, biomedclip_offic
     assert done.returncode == 0, done.stderr
     bundle = load_bundle(out)
     assert (bundle.kind, bundle.name, bundle.version) == ("teachers", "teachers-test", "9.9")
-    assert bundle.configs["dinov3"]["timm_name"] == "vit_small_patch16_dinov3_qkvb"
+    assert bundle.configs["teachers"]["dino"]["config"]["timm_name"] == "vit_small_patch16_dinov3_qkvb"
     assert bundle.meta["sources"]["dinov3"]["layout"].startswith("Meta")
 
 

@@ -38,7 +38,6 @@ Command line (``python -m training.standins.medsam --help``)::
 from __future__ import annotations
 
 import argparse
-import functools
 from fractions import Fraction
 import json
 import math
@@ -47,7 +46,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -59,6 +57,10 @@ from PRISMRTLib.models.medsam import MEDSAM_PRESETS, MedSAMConfig, build_medsam,
 from training.data import STRUCTURES, CTCase, SliceSampler, augment_window, cut_slice, load_cases
 from training.data import TRAIN_DIR, VAL_DIR
 from training.standins.runfiles import open_curves, save_atomic, save_curves, write_json
+from training.sam_interactive import (boxes_tensor, decode, dice, interactive_step,  # noqa: F401 (tests)
+                                      mask_prompt, points_tensor, select_masks, upsample_logits)
+from PRISMRTLib.segmentation.prompts import (corrective_click, first_click, inside_distance,  # noqa: F401
+                                             jittered_box, tight_box)
 
 
 WEIGHTS_NAME = "medsam_standin.safetensors"
@@ -72,131 +74,9 @@ MIN_PIXELS = 10  # a structure must cover this many pixels of a slice to be prom
 # ---------------------------------------------------------------------------------------------------------------------
 # click simulation and metrics (numpy, one slice at a time)
 # ---------------------------------------------------------------------------------------------------------------------
-def inside_distance(mask: np.ndarray) -> np.ndarray:
-    """Euclidean distance in pixels from each pixel of ``mask`` to the nearest pixel outside it (1 on its boundary;
-    the image border counts as outside); 0 outside the mask."""
-    mask = np.asarray(mask, bool)
-    if not mask.any():
-        return np.zeros(mask.shape, np.float32)
-    outside = sitk.GetImageFromArray(np.pad(~mask, 1, constant_values=True).astype(np.uint8))
-    d = sitk.GetArrayFromImage(_distance_filter().Execute(outside))[1:-1, 1:-1]
-    return np.where(mask, d, 0).astype(np.float32)
-
-
-@functools.lru_cache(maxsize=1)
-def _distance_filter() -> sitk.SignedMaurerDistanceMapImageFilter:
-    # one thread: these maps are tiny, and ITK's threads would fight torch's for the cores
-    f = sitk.SignedMaurerDistanceMapImageFilter()
-    f.SetInsideIsPositive(False)  # the mask is outside the "object" (its complement): positive distances there
-    f.SetSquaredDistance(False)
-    f.SetUseImageSpacing(False)
-    f.SetNumberOfThreads(1)
-    return f
-
-
-def _pick(distance: np.ndarray, rng: np.random.Generator | None, interior: float) -> tuple[int, int]:
-    """The pixel farthest from the boundary (``rng`` None; first in raster order on ties), or a random pixel at
-    least ``interior`` times that far."""
-    if rng is None:
-        return tuple(int(v) for v in np.unravel_index(int(np.argmax(distance)), distance.shape))
-    rows, cols = np.nonzero(distance >= interior * float(distance.max()))
-    k = int(rng.integers(len(rows)))
-    return int(rows[k]), int(cols[k])
-
-
-def first_click(mask: np.ndarray, rng: np.random.Generator | None = None, interior: float = 0.5) -> tuple[int, int]:
-    """(row, col) of a first positive click: the interior point farthest from the boundary (deterministic), or with
-    ``rng`` a random point at least ``interior`` times as deep (training)."""
-    d = inside_distance(mask)
-    if d.max() <= 0:
-        raise ValueError("cannot click in an empty mask")
-    return _pick(d, rng, interior)
-
-
-def corrective_click(pred: np.ndarray, target: np.ndarray, rng: np.random.Generator | None = None,
-                     interior: float = 0.5) -> tuple[int, int, int] | None:
-    """The next click from the current error, as the interactive-segmentation benchmarks simulate a user.
-
-    The error splits into false negatives (target not predicted) and false positives (predicted, not target). The
-    largest error region is the one with the largest inscribed disk, i.e. holding the pixel farthest from the
-    error's boundary; the click goes there (deterministic), or with ``rng`` to a random pixel of that error at least
-    ``interior`` times as deep (training). Returns (row, col, label), label 1 (positive) in a false negative,
-    0 (negative) in a false positive; None when the prediction is exact.
-    """
-    pred, target = np.asarray(pred, bool), np.asarray(target, bool)
-    d_fn, d_fp = inside_distance(target & ~pred), inside_distance(pred & ~target)
-    if d_fn.max() <= 0 and d_fp.max() <= 0:
-        return None
-    positive = d_fn.max() >= d_fp.max()
-    row, col = _pick(d_fn if positive else d_fp, rng, interior)
-    return row, col, int(positive)
-
-
-def dice(pred: np.ndarray, target: np.ndarray) -> float:
-    """Dice of two binary masks; 1.0 when both are empty."""
-    pred, target = np.asarray(pred, bool), np.asarray(target, bool)
-    total = int(pred.sum()) + int(target.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.count_nonzero(pred & target)) / total
-
-
-def tight_box(mask: np.ndarray) -> tuple[int, int, int, int]:
-    """(x0, y0, x1, y1): the mask's bounding box in inclusive pixel indices (SAM's XYXY)."""
-    rows, cols = np.nonzero(mask)
-    return int(cols.min()), int(rows.min()), int(cols.max()), int(rows.max())
-
-
-def jittered_box(mask: np.ndarray, rng: np.random.Generator, fraction: float = 0.1, max_px: int = 4):
-    """The bounding box with each side moved by N(0, fraction * side) pixels, at most ``max_px``, kept in the image."""
-    x0, y0, x1, y1 = tight_box(mask)
-    h, w = mask.shape
-    sx, sy = fraction * (x1 - x0 + 1), fraction * (y1 - y0 + 1)
-    j = np.clip(np.rint(rng.normal(0, 1, 4) * [sx, sy, sx, sy]), -max_px, max_px).astype(int)
-    x0, x1 = sorted((int(np.clip(x0 + j[0], 0, w - 1)), int(np.clip(x1 + j[2], 0, w - 1))))
-    y0, y1 = sorted((int(np.clip(y0 + j[1], 0, h - 1)), int(np.clip(y1 + j[3], 0, h - 1))))
-    return x0, y0, x1, y1
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # model pieces
 # ---------------------------------------------------------------------------------------------------------------------
-def decode(model: Sam, embeddings: torch.Tensor, points=None, boxes=None, mask_input=None, multimask: bool = False):
-    """Masks for a batch of images, one prompt set per image: (B, M, L, L) low-res logits and (B, M) predicted IoU.
-
-    segment_anything's mask decoder takes one image and many prompts (it repeats the image embedding per prompt), so
-    the per-image embeddings go in through the dense prompt (added to the image embedding there) with a zero image
-    embedding: the same sum, computed by the unchanged decoder.
-    """
-    sparse, dense = model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
-    return model.mask_decoder(
-        image_embeddings=torch.zeros_like(embeddings[:1]),
-        image_pe=model.prompt_encoder.get_dense_pe(),
-        sparse_prompt_embeddings=sparse,
-        dense_prompt_embeddings=dense + embeddings,
-        multimask_output=multimask,
-    )
-
-
-def _upsample(low_res: torch.Tensor, size: int) -> torch.Tensor:
-    return F.interpolate(low_res, (size, size), mode="bilinear", align_corners=False)
-
-
-def _points(clicks: list[list[tuple[int, int, int]]], device) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Per-image click lists of equal length (row, col, label) -> SAM's (coords (x, y), labels)."""
-    if not clicks or not clicks[0]:
-        return None
-    arr = np.asarray(clicks, np.float32)  # (B, N, 3)
-    coords = torch.from_numpy(arr[..., [1, 0]].copy()).to(device)
-    return coords, torch.from_numpy(arr[..., 2].copy()).to(device)
-
-
-def _boxes(boxes, device) -> torch.Tensor | None:
-    return None if boxes is None else torch.tensor(np.asarray(boxes, np.float32), device=device)
-
-
-def _select(masks: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    return masks[torch.arange(len(masks), device=masks.device), index][:, None]
-
-
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -337,103 +217,18 @@ def zoom_crop(image: np.ndarray, masks: list[np.ndarray], rng: np.random.Generat
     return enlarge(image).astype(image.dtype), zoomed
 
 
-def mask_prompt(mask: np.ndarray, size: int, scale: float = 8.0) -> torch.Tensor:
-    """A binary mask as SAM's mask prompt: (1, 1, size, size) logits, +scale inside and -scale outside (area
-    averaged), standing in for the low-res logits propagation feeds from the neighbouring slice."""
-    m = torch.from_numpy(np.asarray(mask, np.float32))[None, None]
-    m = F.adaptive_avg_pool2d(m, size)
-    return scale * (2 * m - 1)
-
-
-def _random_pixel(rng: np.random.Generator, shape) -> tuple[int, int]:
-    return int(rng.integers(shape[0])), int(rng.integers(shape[1]))
-
-
-def _mask_losses(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """(B, M, S, S) logits, (B, 1, S, S) target -> (B, M) BCE + soft Dice."""
-    t = target.expand_as(logits)
-    bce = F.binary_cross_entropy_with_logits(logits, t, reduction="none").mean((2, 3))
-    p = torch.sigmoid(logits)
-    soft_dice = 1 - (2 * (p * t).sum((2, 3)) + 1) / (p.sum((2, 3)) + t.sum((2, 3)) + 1)
-    return bce + soft_dice
-
-
-def _iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """(B, M, S, S) bool, (B, 1, S, S) bool -> (B, M) IoU (1 when both are empty)."""
-    inter = (pred & target).sum((2, 3)).float()
-    union = (pred | target).sum((2, 3)).float()
-    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
-
-
 def train_step(model: Sam, images: np.ndarray, masks: np.ndarray, owners: np.ndarray,
                rngs: list[np.random.Generator], s: TrainSettings,
                sources: list[np.ndarray | None] | None = None) -> tuple[torch.Tensor, dict]:
     """One SAM-style interactive step: ``images`` (B, S, S) in [0, 1]; ``masks`` (N, S, S), the objects to segment,
     mask ``i`` in image ``owners[i]`` (SAM also prompts several objects per image: one encoder pass serves them);
     one generator per object; ``sources``: per object the neighbouring slice's mask it is prompted from as
-    propagation does (None: box or clicks). Returns the loss (to backpropagate) and statistics."""
-    size = images.shape[-1]
+    propagation does (None: box or clicks). Returns the loss (to backpropagate) and statistics
+    (:func:`training.sam_interactive.interactive_step` on the encoder's embeddings)."""
     device = next(model.parameters()).device
-    target = torch.from_numpy(masks[:, None].astype(np.float32)).to(device)
-    target_bool = target.bool()
     embeddings = model.image_encoder(medsam_input(torch.from_numpy(images).to(device)))[torch.as_tensor(owners)]
-
-    sources = list(sources) if sources is not None else [None] * len(rngs)
-    use_box = np.array([r.random() < s.p_box for r in rngs])
-    kind = np.array(["propagate" if src is not None else "box" if b else "click" for src, b in zip(sources, use_box)])
-    groups = [g for g in (np.flatnonzero(kind == k) for k in ("box", "click", "propagate")) if len(g)]
-    low_size = model.prompt_encoder.mask_input_size[0]
-    boxes, clicks, previous = {}, [[] for _ in rngs], {}
-    for i in range(len(rngs)):
-        if kind[i] == "box":
-            boxes[i] = jittered_box(masks[i], rngs[i])
-        elif kind[i] == "click":
-            clicks[i].append((*first_click(masks[i], rngs[i]), 1))
-        else:  # as propagation: the neighbour's box, its deepest point and its mask
-            boxes[i] = jittered_box(sources[i], rngs[i])
-            clicks[i].append((*first_click(sources[i]), 1))
-            previous[i] = mask_prompt(sources[i], low_size, float(rngs[i].uniform(4, 12))).to(device)
-
-    total = torch.zeros((), device=device)
-    stats = {"dice": [], "loss": []}
-    for it in range(s.iterations):
-        round_loss, round_dice = torch.zeros((), device=device), np.zeros(len(rngs))
-        for g in groups:
-            group = kind[g[0]]
-            multimask = it == 0 and group == "click"
-            low, iou_pred = decode(
-                model, embeddings[g],
-                points=_points([clicks[i] for i in g], device),
-                boxes=_boxes([boxes[i] for i in g], device) if group != "click" else None,
-                mask_input=torch.cat([previous[i] for i in g]) if (it or group == "propagate") else None,
-                multimask=multimask,
-            )
-            logits = _upsample(low, size)
-            losses = _mask_losses(logits, target[g])
-            with torch.no_grad():
-                actual_iou = _iou(logits > 0, target_bool[g])
-            iou_loss = F.mse_loss(iou_pred, actual_iou, reduction="none").mean(1)
-            round_loss = round_loss + (losses.min(1).values + s.iou_weight * iou_loss).sum()
-            # what a user would see (and what the next round refines): the mask the model rates best
-            chosen = iou_pred.detach().argmax(1)
-            low_chosen = _select(low.detach(), chosen)
-            pred = (_select(logits.detach(), chosen)[:, 0] > 0).cpu().numpy()
-            for k, i in enumerate(g):
-                previous[i] = low_chosen[k:k + 1]
-                round_dice[i] = dice(pred[k], masks[i])
-                if it + 1 < s.iterations:
-                    click = corrective_click(pred[k], masks[i], rngs[i])
-                    if click is None:  # exact already: confirm it with a click (keeps the counts equal)
-                        click = ((*first_click(masks[i], rngs[i]), 1) if masks[i].any()
-                                 else (*_random_pixel(rngs[i], masks.shape[-2:]), 0))
-                    clicks[i].append(click)
-        round_loss = round_loss / len(rngs)
-        total = total + round_loss
-        stats["loss"].append(float(round_loss.detach()))
-        stats["dice"].append(float(round_dice.mean()))
-    return total / s.iterations, stats
-
-
+    return interactive_step(model, embeddings, masks, rngs, p_box=s.p_box, iterations=s.iterations,
+                            iou_weight=s.iou_weight, sources=sources, size=images.shape[-1])
 
 
 def adapt_state_dict(state: dict, model: Sam) -> dict:
@@ -644,10 +439,10 @@ def segment_interactive(model: Sam, images: np.ndarray, masks: np.ndarray, click
     per_click = np.zeros((len(masks), clicks))
     previous = None
     for k in range(clicks):
-        low, iou = decode(model, embeddings, points=_points(history, device), mask_input=previous, multimask=k == 0)
+        low, iou = decode(model, embeddings, points=points_tensor(history, device), mask_input=previous, multimask=k == 0)
         chosen = iou.argmax(1)
-        previous = _select(low, chosen)
-        pred = (_upsample(previous, size)[:, 0] > 0).cpu().numpy()
+        previous = select_masks(low, chosen)
+        pred = (upsample_logits(previous, size)[:, 0] > 0).cpu().numpy()
         for i, m in enumerate(masks):
             per_click[i, k] = dice(pred[i], m)
             if k + 1 < clicks:
@@ -656,8 +451,8 @@ def segment_interactive(model: Sam, images: np.ndarray, masks: np.ndarray, click
                 history[i].append(click if click is not None else history[i][-1])
     result = {"clicks": per_click}
     if with_box:
-        low, _ = decode(model, embeddings, boxes=_boxes([tight_box(m) for m in masks], device))
-        pred = (_upsample(low, size)[:, 0] > 0).cpu().numpy()
+        low, _ = decode(model, embeddings, boxes=boxes_tensor([tight_box(m) for m in masks], device))
+        pred = (upsample_logits(low, size)[:, 0] > 0).cpu().numpy()
         result["box"] = np.array([dice(p, m) for p, m in zip(pred, masks)])
     return result
 

@@ -14,32 +14,17 @@ A :class:`SegmentationSession` holds one volume, one slice orientation and one s
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
 import SimpleITK as sitk
-import torch
 
-from .errors import GeometryError, PrismRTError
-from .features import FeatureBackend, SliceFeatures
-from .imaging import Geometry, Orientation, SlicePlane, Window, check_volume, get_window
-
-
-@dataclass
-class SlicePrompts:
-    """Prompts on one slice, in slice pixel coordinates (row, col)."""
-
-    points: list[tuple[float, float]] = field(default_factory=list)
-    labels: list[int] = field(default_factory=list)  # 1 positive, 0 negative
-    box: tuple[float, float, float, float] | None = None  # (row0, col0, row1, col1), pixel centres, inclusive
-
-    def copy(self) -> "SlicePrompts":
-        return SlicePrompts(list(self.points), list(self.labels), self.box)
-
-    def empty(self) -> bool:
-        return not self.points and self.box is None
+from ..errors import GeometryError, PrismRTError
+from ..features import FeatureBackend, SliceFeatures, VolumeFeatures
+from ..imaging import Geometry, Orientation, SlicePlane, Window, check_volume, slice_intensity
+from .predictor import MaskPredictor, SlicePrompts
+from .prompts import bounding_box, deepest_point
+from .quality import propagation_warnings, slice_warnings
 
 
 @dataclass
@@ -48,6 +33,17 @@ class SliceResult:
     mask: np.ndarray  # (rows, cols) bool, in display orientation
     score: float  # predicted IoU of the chosen mask
     area_mm2: float
+    warnings: list[str] = field(default_factory=list)  # why the mask may be poor (see .quality)
+
+
+@dataclass
+class PropagationReport:
+    """What the last propagation did: the slices it wrote, and why it stopped in each direction."""
+
+    seed: int
+    slices: list[int]  # every slice with a mask after it, in index order
+    stops: dict  # direction (+1, -1) -> reason
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -61,23 +57,11 @@ class _Step:
 
 def interior_point(mask: np.ndarray) -> tuple[int, int] | None:
     """The pixel of a 2D mask farthest from its boundary (row, col), or None for an empty mask."""
-    if not mask.any():
-        return None
-    padded = np.pad(mask.astype(np.uint8), 1)
-    distance = sitk.GetArrayFromImage(
-        sitk.SignedMaurerDistanceMap(sitk.GetImageFromArray(padded), insideIsPositive=True, squaredDistance=False,
-                                     useImageSpacing=False)
-    )[1:-1, 1:-1]
-    distance[~mask] = -np.inf
-    r, c = np.unravel_index(int(np.argmax(distance)), mask.shape)
-    return int(r), int(c)
+    return deepest_point(mask)
 
 
 def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    if len(rows) == 0:
-        return None
-    return int(rows[0]), int(cols[0]), int(rows[-1]), int(cols[-1])
+    return bounding_box(mask)
 
 
 def _component_at(mask: np.ndarray, pixel) -> np.ndarray:
@@ -99,58 +83,54 @@ class CrossViewGuide:
     views: list  # per orthogonal plane: (orientation, slice index, its 2D mask in that plane's display grid)
 
 
-MASK_PROMPT_LOGIT = 8.0  # a propagated mask prompt: +-8 logits, the middle of the stand-in's training range (4-12)
-
-
 class SegmentationSession:
     """Delineate one structure in one volume. Not thread-safe for interactions; :meth:`prefetch` and
     :meth:`prefetch_next` only add to the feature cache (under its lock), so they may run in another thread while the
     user looks at the image (at worst a slice is encoded twice)."""
 
     def __init__(self, backend: FeatureBackend, image: sitk.Image, orientation="axial",
-                 window: "Window | str" = "head-and-neck", cache_slices: int = 48):
-        check_volume(image)
+                 window: "Window | str | None" = None, cache_slices: int = 48,
+                 features: VolumeFeatures | None = None):
+        """``window``: the CT window the model sees (a preset name or a :class:`Window`; default: the one its SAM
+        teacher was trained with, see the registry). MR and other images that are not CT in HU are scaled by the
+        volume's percentiles instead, never windowed. ``features``: a feature cache of this volume to share (e.g. with
+        registration or chat); by default the session makes its own of ``cache_slices`` slices."""
+        self.summary = check_volume(image)
         self.backend = backend
         self.image = image
         self.geometry = Geometry.from_image(image)
         self.plane = SlicePlane.create(self.geometry, orientation)
-        self.window = get_window(window) if isinstance(window, str) else window
-        self._hu = sitk.GetArrayViewFromImage(image)
-        self._cache: OrderedDict[tuple, SliceFeatures] = OrderedDict()  # (orientation, index)
-        self._cache_size = max(1, int(cache_slices))
-        self._lock = threading.Lock()
+        if features is None:
+            window = window if window is not None else backend.default_window
+            intensity = slice_intensity(sitk.GetArrayViewFromImage(image), window, self.summary.is_ct)
+            features = VolumeFeatures(backend, image, intensity, max_slices=cache_slices)
+        elif features.backend is not backend or features.image is not image:
+            raise ValueError("the feature cache belongs to another backend or volume")
+        self.volume_features = features
+        self.intensity = features.intensity
+        self.predictor = MaskPredictor(backend)
+        self._values = sitk.GetArrayViewFromImage(image)
         self.mask = np.zeros(self.geometry.shape, np.uint8)  # the 3D result, (k, j, i)
         self._logits: dict[int, np.ndarray] = {}  # low-res mask logits per slice (mask input for refinement)
         self.prompts: dict[int, SlicePrompts] = {}
         self._source: dict[int, str] = {}  # "clicks" or "propagated"
         self._undo: list[_Step] = []
         self._redo: list[_Step] = []
+        self.last_propagation: PropagationReport | None = None
 
     # ---- features ------------------------------------------------------------------------------------------------
     def features(self, index: int, plane: SlicePlane | None = None) -> SliceFeatures:
         """Features of slice ``index`` of ``plane`` (default: the session's orientation), cached."""
-        plane = plane or self.plane
-        key = (plane.orientation, plane.check_slice_index(index))
-        with self._lock:
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return self._cache[key]
-        slice01 = self.window.apply(plane.extract(self._hu, key[1]))
-        features = self.backend.encode(slice01, plane.pixel_spacing, sam_only=True)
-        with self._lock:
-            self._cache[key] = features
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-        return features
+        return self.volume_features.get(plane or self.plane, index)
 
     def prefetch_next(self, index: int, radius: int = 2) -> int | None:
         """Compute the features of the uncached slice nearest to ``index`` within ``radius`` (one slice, so that a
         caller that must stay responsive, such as a GUI's idle timer, can stop between slices). Returns its index, or
         None when all are cached. The radius is capped so that the slices fit the cache together."""
-        radius = max(0, min(int(radius), (self._cache_size - 1) // 2))
+        radius = max(0, min(int(radius), (self.volume_features.max_slices - 1) // 2))
         for offset in sorted(range(-radius, radius + 1), key=abs):
             i = index + offset
-            if 0 <= i < self.plane.num_slices and (self.plane.orientation, i) not in self._cache:
+            if 0 <= i < self.plane.num_slices and not self.volume_features.cached(self.plane, i):
                 self.features(i)
                 return i
         return None
@@ -164,48 +144,24 @@ class SegmentationSession:
     def locate(self, point_lps) -> tuple[int, float, float]:
         return self.plane.locate(point_lps)
 
-    @torch.inference_mode()
     def _predict(self, index: int, prompts: SlicePrompts, mask_logits: np.ndarray | None,
                  plane: SlicePlane | None = None):
-        features = self.features(index, plane)
-        box = features.letterbox
-        be = self.backend
-        device = be.device
-        points = boxes = masks = None
-        if prompts.points:
-            rc = box.to_model(np.array(prompts.points, float))
-            coords = torch.tensor(rc[:, ::-1].copy(), dtype=torch.float32, device=device)[None]  # SAM takes (x, y)
-            labels = torch.tensor(prompts.labels, dtype=torch.int64, device=device)[None]
-            points = (coords, labels)
-        if prompts.box is not None:
-            r0, c0, r1, c1 = prompts.box
-            (mr0, mc0), (mr1, mc1) = box.to_model(np.array([[r0, c0], [r1, c1]], float))
-            boxes = torch.tensor([[mc0, mr0, mc1, mr1]], dtype=torch.float32, device=device)
-        if mask_logits is not None:
-            masks = torch.from_numpy(mask_logits).to(device)[None, None]
-        multimask = len(prompts.points) == 1 and prompts.box is None and masks is None
-        sparse, dense = be.prompt_encoder(points=points, boxes=boxes, masks=masks)
-        low_res, iou = be.mask_decoder(
-            image_embeddings=features.sam_embedding.to(device),
-            image_pe=be.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=multimask,
-        )
-        best = int(torch.argmax(iou[0]))
-        logits = low_res[0, best].float().cpu().numpy()
-        mask = box.resize_to_slice(logits, order=1) > 0.0
-        return mask, float(iou[0, best]), logits
+        p = self.predictor.predict(self.features(index, plane), prompts, mask_logits)
+        return p.mask, p.score, p.logits
 
     def _mask_prompt(self, index: int, mask: np.ndarray) -> np.ndarray:
-        """A slice mask as SAM's mask prompt for slice ``index``: +-MASK_PROMPT_LOGIT on the low-resolution grid of
-        the model frame (area-averaged at the edges). Propagation feeds the neighbour's *mask* this way, as the
-        stand-in was trained, rather than its raw logits, whose scale (tens) no training prompt had."""
-        features = self.features(index)
-        size = getattr(self.backend.prompt_encoder, "mask_input_size", None)
-        low = int(size[0]) if size is not None else 4 * int(features.sam_embedding.shape[-1])
-        frac = features.letterbox.at_size(low).resize_to_model(mask.astype(np.float32), order=1, pad_value=0.0)
-        return (MASK_PROMPT_LOGIT * (2.0 * np.clip(frac, 0.0, 1.0) - 1.0)).astype(np.float32)
+        return self.predictor.mask_prompt(self.features(index), mask)
+
+    def slice_warnings(self, index: int, mask: np.ndarray, score: float, prompts: SlicePrompts) -> list[str]:
+        """Why the mask on slice ``index`` may be poor (empty, unsure, filling its box, a click on air, ...)."""
+        clicks = [(r, c, label) for (r, c), label in zip(prompts.points, prompts.labels)]
+        values = []
+        for r, c, _ in clicks:
+            rr, cc = int(round(r)), int(round(c))
+            inside = 0 <= rr < self.plane.slice_shape[0] and 0 <= cc < self.plane.slice_shape[1]
+            values.append(float(self.plane.extract(self._values, index)[rr, cc]) if inside else None)
+        return slice_warnings(mask, score, index=index, orientation=self.plane.orientation.value, clicks=clicks,
+                              box=prompts.box, values_at_clicks=values, is_ct=self.summary.is_ct)
 
     def _area_mm2(self, mask: np.ndarray) -> float:
         sr, sc = self.plane.pixel_spacing
@@ -246,7 +202,8 @@ class SegmentationSession:
         self.prompts[index] = prompts
         self._write(index, mask, logits, "clicks")
         self._commit(step)
-        return SliceResult(index, mask, score, self._area_mm2(mask))
+        warnings = self.slice_warnings(index, mask, score, prompts) if not prompts.empty() else []
+        return SliceResult(index, mask, score, self._area_mm2(mask), warnings)
 
     def _user_prompts(self, index: int, positive: bool | None = None) -> SlicePrompts:
         """What a new click (``positive``: its sign; None for a box) on slice ``index`` adds to: the user's earlier
@@ -366,16 +323,21 @@ class SegmentationSession:
         margin = int(np.ceil(cross_view_margin_mm / self.plane.slice_thickness - 1e-6))
         # the slices this propagation writes or clears, as they were (for undo)
         step = _Step("propagate", {})
+        stops = {}
         try:
             for direction in (+1, -1):
                 previous, index, done, erased = seed_mask, from_index + direction, 0, None
+                stops[direction] = "at the end of the volume"
                 while 0 <= index < self.plane.num_slices and done < limit:
                     if self._source.get(index) == "clicks":
                         # a drawn slice is the user's and so is what was propagated beyond it; an erased one ends the
                         # structure there
                         erased = None if self.plane.extract(self.mask, index).any() else index
+                        stops[direction] = f"at slice {index}, drawn by you"
                         break
                     if guide is not None and not guide.first - margin <= index <= guide.last + margin:
+                        stops[direction] = (f"at slice {index}, beyond where the orthogonal views show the structure "
+                                            f"(plus {cross_view_margin_mm:g} mm)")
                         break
                     if index not in step.before:
                         step.before[index] = self._state(index)
@@ -386,6 +348,10 @@ class SegmentationSession:
                     overlap = 2 * np.count_nonzero(mask & previous) / max(
                         1, np.count_nonzero(mask) + np.count_nonzero(previous))
                     if score < min_score or area < min_area_mm2 or overlap < min_overlap:
+                        stops[direction] = (
+                            f"at slice {index}: " + (f"predicted IoU {score:.2f} < {min_score:g}" if score < min_score
+                                                     else f"area {area:.0f} mm2 < {min_area_mm2:g}" if area < min_area_mm2
+                                                     else f"overlap with the slice before {overlap:.2f} < {min_overlap:g}"))
                         break
                     self._write(index, mask, logits, "propagated")
                     self.prompts[index] = prompts  # what made this slice (a click here starts from its mask instead)
@@ -394,6 +360,8 @@ class SegmentationSession:
                     previous = mask
                     index += direction
                     done += 1
+                if done >= limit:
+                    stops[direction] = f"after {limit} slices (the limit)"
                 # what was propagated beyond a slice the user erased is cleared
                 index = -1 if erased is None else erased + direction
                 while 0 <= index < self.plane.num_slices and self._source.get(index) == "propagated":
@@ -409,6 +377,9 @@ class SegmentationSession:
                 self._restore(index, state)
             raise
         self._commit(step)
+        slices = [int(i) for i in np.flatnonzero(self.plane.stack_view(self.mask).any(axis=(1, 2)))]
+        self.last_propagation = PropagationReport(from_index, slices, stops, propagation_warnings(
+            slices, from_index, self.plane.orientation.value, stops))
         return self.result()
 
     # ---- history and result --------------------------------------------------------------------------------------
