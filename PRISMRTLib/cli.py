@@ -391,7 +391,6 @@ def cmd_eval_seg(args) -> int:
         raise PrismRTError(f"no case has the structure(s) {', '.join(args.structure)}: see the cases' mask names")
     methods = [_split_model(m) for m in (args.model or ["auto"])]
     results, timing, labels = [], {}, []
-    images: dict = {}
     for backend_name, model in methods:
         backend = open_backend(backend_name, model, args.device, progress=_progress_printer("weights"))
         label = model if model else backend.name
@@ -399,17 +398,17 @@ def cmd_eval_seg(args) -> int:
             raise PrismRTError(f"method '{label}' is given twice")
         labels.append(label)
         start = time.perf_counter()
+        window = args.window or backend.default_window
+        images = {}
         for case, structure in pairs:
-            if case.id not in images:
-                images = {case.id: read_image(case.image)}  # one CT in memory at a time
-            image = images[case.id]
+            if case.id not in images:  # one CT in memory at a time; its features shared by its structures
+                image = read_image(case.image)
+                intensity = slice_intensity(sitk.GetArrayViewFromImage(image), window, check_volume(image).is_ct)
+                images = {case.id: (image, VolumeFeatures(backend, image, intensity, max_slices=256))}
+            image, features = images[case.id]
             reference = case.reference(structure, image)
             if not reference.any():
                 continue
-            summary = check_volume(image)
-            window = args.window or backend.default_window
-            features = VolumeFeatures(backend, image, slice_intensity(sitk.GetArrayViewFromImage(image), window,
-                                                                      summary.is_ct))
             results += evaluate_case(backend, image, reference, case=case.id, structure=structure, method=label,
                                      modes=modes, firsts=firsts, max_prompts=args.clicks,
                                      orientation=args.orientation, window=window, cross_views=args.cross_views,

@@ -12,6 +12,8 @@ Coordinates follow segment_anything: points are (x=column, y=row) pixel indices 
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -94,12 +96,15 @@ def mask_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def interactive_step(model, embeddings: torch.Tensor, masks: np.ndarray, rngs: list[np.random.Generator], *,
                      p_box: float, iterations: int, iou_weight: float = 1.0,
-                     sources: list[np.ndarray | None] | None = None, size: int | None = None
-                     ) -> tuple[torch.Tensor, dict]:
+                     sources: list[np.ndarray | None] | None = None, size: int | None = None,
+                     grad_round: int | None = None) -> tuple[torch.Tensor, dict]:
     """SAM's interactive rounds for ``masks`` (N, S, S) on their images' ``embeddings`` (N, C, G, G): ``model`` has
     SAM's ``prompt_encoder`` and ``mask_decoder``; one generator per object; ``sources``: per object the neighbouring
     slice's mask it is prompted from as propagation does (None: a box with probability ``p_box``, else one click).
-    Returns the loss averaged over rounds (to backpropagate) and per-round statistics."""
+    Returns the loss averaged over rounds (to backpropagate) and per-round statistics.
+
+    ``grad_round``: supervise that round only; the rounds before it run without gradients (to place its clicks) and
+    those after it do not run, which costs about a third of supervising every round (a large decoder on a CPU)."""
     size = int(size or masks.shape[-1])
     device = embeddings.device
     target = torch.from_numpy(masks[:, None].astype(np.float32)).to(device)
@@ -123,39 +128,43 @@ def interactive_step(model, embeddings: torch.Tensor, masks: np.ndarray, rngs: l
 
     total = torch.zeros((), device=device)
     stats = {"dice": [], "loss": []}
-    for it in range(iterations):
+    rounds = iterations if grad_round is None else int(grad_round) + 1
+    for it in range(rounds):
         round_loss, round_dice = torch.zeros((), device=device), np.zeros(len(rngs))
-        for g in groups:
-            group = kind[g[0]]
-            multimask = it == 0 and group == "click"
-            low, iou_pred = decode(
-                model, embeddings[g],
-                points=points_tensor([clicks[i] for i in g], device),
-                boxes=boxes_tensor([boxes[i] for i in g], device) if group != "click" else None,
-                mask_input=torch.cat([previous[i] for i in g]) if (it or group == "propagate") else None,
-                multimask=multimask,
-            )
-            logits = upsample_logits(low, size)
-            losses = mask_losses(logits, target[g])
-            with torch.no_grad():
-                actual_iou = mask_iou(logits > 0, target_bool[g])
-            iou_loss = F.mse_loss(iou_pred, actual_iou, reduction="none").mean(1)
-            round_loss = round_loss + (losses.min(1).values + iou_weight * iou_loss).sum()
-            # what a user would see (and what the next round refines): the mask the model rates best
-            chosen = iou_pred.detach().argmax(1)
-            low_chosen = select_masks(low.detach(), chosen)
-            pred = (select_masks(logits.detach(), chosen)[:, 0] > 0).cpu().numpy()
-            for k, i in enumerate(g):
-                previous[i] = low_chosen[k:k + 1]
-                round_dice[i] = dice(pred[k], masks[i])
-                if it + 1 < iterations:
-                    click = corrective_click(pred[k], masks[i], rngs[i])
-                    if click is None:  # exact already: confirm it with a click (keeps the counts equal)
-                        click = ((*first_click(masks[i], rngs[i]), 1) if masks[i].any()
-                                 else (*random_pixel(rngs[i], masks.shape[-2:]), 0))
-                    clicks[i].append(click)
+        context = torch.no_grad() if grad_round is not None and it < grad_round else contextlib.nullcontext()
+        with context:
+            for g in groups:
+                group = kind[g[0]]
+                multimask = it == 0 and group == "click"
+                low, iou_pred = decode(
+                    model, embeddings[g],
+                    points=points_tensor([clicks[i] for i in g], device),
+                    boxes=boxes_tensor([boxes[i] for i in g], device) if group != "click" else None,
+                    mask_input=torch.cat([previous[i] for i in g]) if (it or group == "propagate") else None,
+                    multimask=multimask,
+                )
+                logits = upsample_logits(low, size)
+                losses = mask_losses(logits, target[g])
+                with torch.no_grad():
+                    actual_iou = mask_iou(logits > 0, target_bool[g])
+                iou_loss = F.mse_loss(iou_pred, actual_iou, reduction="none").mean(1)
+                round_loss = round_loss + (losses.min(1).values + iou_weight * iou_loss).sum()
+                # what a user would see (and what the next round refines): the mask the model rates best
+                chosen = iou_pred.detach().argmax(1)
+                low_chosen = select_masks(low.detach(), chosen)
+                pred = (select_masks(logits.detach(), chosen)[:, 0] > 0).cpu().numpy()
+                for k, i in enumerate(g):
+                    previous[i] = low_chosen[k:k + 1]
+                    round_dice[i] = dice(pred[k], masks[i])
+                    if it + 1 < iterations:
+                        click = corrective_click(pred[k], masks[i], rngs[i])
+                        if click is None:  # exact already: confirm it with a click (keeps the counts equal)
+                            click = ((*first_click(masks[i], rngs[i]), 1) if masks[i].any()
+                                     else (*random_pixel(rngs[i], masks.shape[-2:]), 0))
+                        clicks[i].append(click)
         round_loss = round_loss / len(rngs)
-        total = total + round_loss
+        if grad_round is None or it == grad_round:
+            total = total + round_loss
         stats["loss"].append(float(round_loss.detach()))
         stats["dice"].append(float(round_dice.mean()))
-    return total / iterations, stats
+    return total / (iterations if grad_round is None else 1), stats

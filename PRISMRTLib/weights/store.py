@@ -243,7 +243,7 @@ _Opener = Callable[[FileEntry], IO[bytes]]
 @contextlib.contextmanager
 def _open_source(source: Path, model: ModelEntry) -> Iterator[tuple[_Opener, dict[str, str]]]:
     """Find the model's files in a folder or zip: yields (opener, problems found from names and sizes alone)."""
-    if source.is_file() and not zipfile.is_zipfile(source) and len(model.files) == 1:
+    if source.is_file() and source.suffix.lower() != ".zip" and len(model.files) == 1:
         entry = model.files[0]  # a model of one file: the file itself, under any name
         yield (lambda e: open(source, "rb")), _size_problems(model, {entry.name: _file_size(source)})
         return

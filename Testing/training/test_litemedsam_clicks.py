@@ -1,0 +1,120 @@
+"""LiteMedSAM's click fine-tuning: the view plan is counter-based and its geometry is inference's; shards verify;
+the objects of a step are reproducible; one supervised round costs what it should; the export loads on its base."""
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from PRISMRTLib.imaging import Geometry, Letterbox, SlicePlane
+from training.litemedsam_clicks import cache as C
+from training.litemedsam_clicks.sources import Volume
+from training.sam_interactive import interactive_step
+
+
+def _volume(name="v", spacing=(0.8, 0.8, 3.0), size=(96, 80, 12)):
+    """A CT-like volume with a bright box structure ("box") and a disc ("disc"), on a clinical-like grid."""
+    hu = np.full(size[::-1], -1000, np.int16)
+    hu[:, 10:70, 10:86] = 40  # body
+    box = np.zeros(size[::-1], np.uint8)
+    box[4:8, 20:40, 30:50] = 1
+    hu[box > 0] = 200
+    disc = np.zeros(size[::-1], np.uint8)
+    yy, xx = np.mgrid[: size[1], : size[0]]
+    disc[2:10][:, (yy - 55) ** 2 + (xx - 70) ** 2 <= 36] = 2
+    image = sitk.GetImageFromArray(hu)
+    image.SetSpacing(spacing)
+    geometry = Geometry.from_image(image)
+    return Volume(name, "test", hu, geometry, [box, disc], {"box": (0, 1), "disc": (1, 2)})
+
+
+def test_the_plan_is_counter_based():
+    volumes = {"openkbp": [_volume("a")], "lung1": [_volume("b")]}
+    a, b = C.Planner(volumes, seed=3), C.Planner(volumes, seed=3)
+    assert [a.plan(n) for n in (5, 0, 9)] == [b.plan(n) for n in (5, 0, 9)]  # any order, same items
+    assert a.plan(1) != C.Planner(volumes, seed=4).plan(1)
+    assert {a.plan(n).source for n in range(40)} == {"openkbp", "lung1"}
+
+
+def test_a_view_is_cut_and_letterboxed_as_inference_does():
+    """The whole-slice view is exactly Letterbox.fit of the slice at 256 px (top-left, square pixels); the box
+    structure lands where the letterbox maps it, and the neighbours' masks come along."""
+    volume = _volume()
+    plane = SlicePlane.create(volume.geometry, "axial")
+    spec = C.ViewSpec("test", "v", "axial", 4, (0.0, 0.0, *map(float, plane.slice_shape)), (40.0, 400.0), "box")
+    image, box, masks = C.render(volume, plane, spec)
+    assert box == Letterbox.fit(plane.slice_shape, plane.pixel_spacing, 256)
+    assert image.shape == (256, 256) and image.dtype == np.uint8
+    names = [n for n, _ in masks]
+    assert "box" in names
+    stack = dict(masks)["box"]
+    assert stack.shape == (3, 256, 256) and not stack[0].any() and stack[1].any() and stack[2].any()  # slice 3 empty
+    rows, cols = np.nonzero(stack[1])
+    # the structure's outer pixel edges (centres 20..39, 30..49 +- half a pixel), in the view
+    (r0, c0), (r1, c1) = box.to_model(np.array([[19.5, 29.5], [39.5, 49.5]], float))
+    assert abs(rows.min() - r0) <= 1 and abs(rows.max() + 1 - r1) <= 1 and abs(cols.min() - c0) <= 1
+    assert abs(cols.max() + 1 - c1) <= 1
+    # a crop: the same structure, larger in the view
+    half = (10.0, 20.0, plane.slice_shape[0] / 2, plane.slice_shape[1] / 2)
+    _, zbox, zmasks = C.render(volume, plane, C.ViewSpec("test", "v", "axial", 4, half, (40.0, 400.0), "box"))
+    assert dict(zmasks)["box"][1].sum() > 3 * stack[1].sum()
+
+
+def test_shards_are_verified_on_read(tmp_path):
+    (tmp_path / "index.json").write_text(json.dumps({"settings": {}, "names": ["t:x"]}))
+    np.savez(tmp_path / "shard_00000.npz", images=np.zeros((1, 256, 256), np.uint8),
+             embeddings=np.zeros((1, 256, 64, 64), np.float16), masks=np.zeros((0, 3, 8192), np.uint8),
+             mask_item=np.zeros(0, np.int32), mask_name=np.zeros(0, np.int32),
+             items=np.frombuffer(b"[{}]", np.uint8))
+    (tmp_path / "shards.json").write_text(json.dumps({"shard_00000.npz": {
+        "sha256": C.sha256_file(tmp_path / "shard_00000.npz"), "items": 1, "masks": 0}}))
+    assert len(C.CacheReader(tmp_path).files) == 1
+    with open(tmp_path / "shard_00000.npz", "r+b") as f:
+        f.seek(100)
+        f.write(b"\xff")
+    with pytest.raises(ValueError, match="does not match its SHA-256"):
+        C.CacheReader(tmp_path)
+
+
+def test_packed_masks_round_trip():
+    rng = np.random.default_rng(0)
+    masks = rng.random((2, 3, 256, 256)) > 0.5
+    bits = np.packbits(masks.reshape(2, 3, -1), axis=-1)
+    assert bits.shape == (2, 3, 8192)
+    np.testing.assert_array_equal(C.unpack_masks(bits), masks)
+
+
+class _Heads(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        from PRISMRTLib.models.registry import TEACHERS
+
+        model = TEACHERS["medsam-tiny"].build()
+        self.prompt_encoder, self.mask_decoder = model.prompt_encoder, model.mask_decoder
+
+
+def test_one_supervised_round_has_gradients_from_that_round_only():
+    torch.manual_seed(0)
+    heads = _Heads()
+    masks = np.zeros((3, 32, 32), bool)
+    masks[:, 8:20, 10:24] = True
+    embeddings = torch.randn(3, 32, 8, 8)
+    calls = []
+    original = heads.mask_decoder.forward
+
+    def spy(*a, **k):
+        calls.append(torch.is_grad_enabled())
+        return original(*a, **k)
+
+    heads.mask_decoder.forward = spy
+    rngs = [np.random.default_rng([0, i]) for i in range(3)]
+    loss, stats = interactive_step(heads, embeddings, masks, rngs, p_box=0.0, iterations=4, grad_round=2)
+    assert calls == [False, False, True] and len(stats["dice"]) == 3  # two rounds to place clicks, one supervised
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in heads.parameters())
+    calls.clear()
+    interactive_step(heads, embeddings, masks, [np.random.default_rng([0, i]) for i in range(3)], p_box=0.0,
+                     iterations=3)
+    assert calls == [True, True, True]  # every round supervised, as the stand-in recipe
