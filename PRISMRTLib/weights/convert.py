@@ -4,7 +4,9 @@ A manifest model with ``"convert": NAME`` lists its *source* files (size and SHA
 the bundle its converter writes into ``<cache>/<name>/<version>/bundle``. A source file is taken from the cache
 (downloaded or imported there), or from the installed Python package its ``package`` entry names, used in place;
 either way its size and SHA-256 are checked before the converter reads it. The bundle records what it was made
-from and its own files' sizes and SHA-256 (``.prismrt-converted.json``), so a damaged or stale one is made again.
+from, by which converter and bundle format, and its own files' sizes and SHA-256 (``.prismrt-converted.json``), so a
+stale one is made again, and a damaged one too (a file is hashed again whenever its size or modification time
+changed, as the download cache does).
 """
 
 from __future__ import annotations
@@ -25,6 +27,12 @@ BUNDLE_DIR = "bundle"
 CONVERTERS = {
     "litemedsam": ("PRISMRTLib.models.litemedsam", "convert_released", "1"),
 }
+
+
+def _bundle_format() -> int:
+    from ..models.bundle import BUNDLE_FORMAT_VERSION
+
+    return BUNDLE_FORMAT_VERSION
 
 
 def converted_dir(model: ModelEntry, root: Path | None = None) -> Path:
@@ -75,6 +83,8 @@ def converted_ok(model: ModelEntry, root: Path | None = None) -> bool:
     _, _, version = CONVERTERS.get(model.convert, ("", "", None))
     if stamp.get("converter") != model.convert or stamp.get("converter_version") != version:
         return False
+    if stamp.get("bundle_format") != _bundle_format():  # made by another PRISM-RT: make it again
+        return False
     if stamp.get("sources") != {f.name: f.sha256 for f in model.files}:
         return False
     changed = False
@@ -120,7 +130,7 @@ def convert_model(model: ModelEntry, sources: dict[str, Path], root: Path | None
     for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
         st = path.stat()
         files[path.name] = {"size": st.st_size, "sha256": sha256_file(path), "mtime_ns": st.st_mtime_ns}
-    _write_stamp(folder, {"converter": model.convert, "converter_version": version,
+    _write_stamp(folder, {"converter": model.convert, "converter_version": version, "bundle_format": _bundle_format(),
                           "sources": {f.name: f.sha256 for f in model.files}, "files": files})
     return folder
 

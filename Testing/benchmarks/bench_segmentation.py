@@ -1,15 +1,18 @@
 """Interactive delineation speed, both backends side by side in one run.
 
-    python Testing/benchmarks/bench_segmentation.py [--teachers standin|official] [--student tiny|vit_small|vit_base]
-        [--device cpu] [--clicks 20] [--slices 40] [--bundle-teachers FOLDER] [--bundle-student FOLDER]
+    python Testing/benchmarks/bench_segmentation.py [--teachers standin|official|lite] [--student tiny|vit_small|vit_base]
+        [--device cpu] [--clicks 20] [--slices 40] [--bundle-teachers NAME|FOLDER] [--bundle-student NAME|FOLDER]
+        [--ct CT.nii.gz --target MASK.nii.gz]
 
-Measures, on the shipped OpenKBP CT (axial slices, 128 x 128 at 3.9 mm):
+Measures, on the shipped OpenKBP CT (axial slices, 128 x 128 at 3.9 mm) or the CT given (e.g. a clinical one at
+512 x 512):
 - feature latency per slice (what a click on a new slice costs once);
 - click-to-mask latency with cached features (prompt encoder + mask decoder + mapping the mask back to the slice),
   median over ``--clicks`` clicks;
 - propagation through ``--slices`` slices (features and decoder for every slice, plus the two orthogonal views that
   bound it; stop rules disabled).
-Weights are random unless bundles are given: timing does not depend on them.
+Weights are random unless bundles (folders or model names, e.g. ``litemedsam``) are given: timing does not depend
+on them.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import SimpleITK as sitk
 import torch
 
 from PRISMRTLib.features import create_backend
+from PRISMRTLib.features.resolve import model_folder
 from PRISMRTLib.models import build_components, load_bundle, preset_configs, save_bundle
 from PRISMRTLib.models.biomedclip import write_vocab
 from PRISMRTLib.segmentation import SegmentationSession, interior_point
@@ -80,10 +84,12 @@ def measure(backend, image, ptv, clicks: int, slices: int) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--teachers", default="standin", choices=("standin", "official", "tiny"))
+    parser.add_argument("--teachers", default="standin", choices=("standin", "official", "lite", "tiny"))
     parser.add_argument("--student", default="vit_small", choices=("tiny", "vit_small", "vit_base"))
-    parser.add_argument("--bundle-teachers", type=Path)
-    parser.add_argument("--bundle-student", type=Path)
+    parser.add_argument("--bundle-teachers", help="a teachers model: name or folder (default: random weights)")
+    parser.add_argument("--bundle-student", help="a prismrt model: name or folder (default: random weights)")
+    parser.add_argument("--ct", type=Path, default=SAMPLE / "ct.nii.gz")
+    parser.add_argument("--target", type=Path, default=SAMPLE / "PTV70.nii.gz", help="the structure clicked")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--clicks", type=int, default=20)
     parser.add_argument("--slices", type=int, default=40)
@@ -91,18 +97,21 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    image = sitk.ReadImage(str(SAMPLE / "ct.nii.gz"))
-    ptv = sitk.GetArrayFromImage(sitk.ReadImage(str(SAMPLE / "PTV70.nii.gz"))) > 0
+    image = sitk.ReadImage(str(args.ct))
+    ptv = sitk.GetArrayFromImage(sitk.ReadImage(str(args.target))) > 0
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         folders = {
-            "teachers": args.bundle_teachers or _bundle("teachers", args.teachers, args.student, tmp / "t" / "b"),
-            "prismrt": args.bundle_student or _bundle("prismrt", args.teachers, args.student, tmp / "s" / "b"),
+            "teachers": model_folder(args.bundle_teachers) if args.bundle_teachers else
+            _bundle("teachers", args.teachers, args.student, tmp / "t" / "b"),
+            "prismrt": model_folder(args.bundle_student) if args.bundle_student else
+            _bundle("prismrt", args.teachers, args.student, tmp / "s" / "b"),
         }
         rows = {name: measure(create_backend(load_bundle(folder), args.device), image, ptv, args.clicks, args.slices)
                 for name, folder in folders.items()}
     print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads; teachers "
-          f"{args.bundle_teachers or args.teachers}, student {args.bundle_student or args.student}")
+          f"{args.bundle_teachers or args.teachers}, student {args.bundle_student or args.student}; CT {args.ct.name} "
+          f"{image.GetSize()}")
     print("| backend | features / new slice (ms) | click-to-mask, cached (ms, median / p90) | "
           f"propagate {args.slices} slices (s) |")
     print("|---|---|---|---|")

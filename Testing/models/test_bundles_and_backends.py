@@ -225,3 +225,52 @@ def test_sam_only_features_for_delineation(bundles, ct_slices):
     torch.testing.assert_close(sam.sam_embedding, full.sam_embedding)
     assert sam.dino_patches is None and sam.clip_embedding is None
     assert sam.shapes()["dino_cls"] is None and len(sam.select(1)) == 1
+
+
+def test_version_1_bundles_still_load(tmp_path, bundles):
+    """A student bundle as format 1 wrote it (configs named medsam/dinov3/biomedclip, the SAM translator named
+    'medsam') loads into the same modules; the shipped stand-in teachers are format 1 too."""
+    from safetensors.torch import load_file, save_file
+
+    from PRISMRTLib.weights import default_manifest, model_path
+
+    root, made = bundles
+    v2 = json.loads((root / "prismrt" / "config.json").read_text())
+    teachers = v2.pop("teachers")
+    v1 = {**v2, "format_version": 1, "configs": {
+        "medsam": teachers["sam"]["config"], "dinov3": teachers["dino"]["config"],
+        "biomedclip": teachers["clip"]["config"],
+        "student": {**v2["student"], "targets": {("medsam" if k == "sam_embedding" else k): t
+                                                  for k, t in v2["student"]["targets"].items()}}}}
+    del v1["student"]
+    folder = tmp_path / "v1"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(v1))
+    tensors = {k.replace("student.translators.sam_embedding.", "student.translators.medsam."): v
+               for k, v in load_file(str(root / "prismrt" / "model.safetensors")).items()}
+    save_file(tensors, str(folder / "model.safetensors"))
+    (folder / "vocab.txt").write_text((root / "prismrt" / "vocab.txt").read_text())
+    loaded = load_bundle(folder)
+    assert [s.name for s in loaded.teachers.values()] == ["medsam-tiny", "dinov3-tiny", "biomedclip-tiny"]
+    original = load_bundle(root / "prismrt")
+    for name in original.modules:
+        a, b = loaded.modules[name].state_dict(), original.modules[name].state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    shipped = load_bundle(model_path("teachers-standin-openkbp", default_manifest()))
+    assert json.loads((shipped.path / "config.json").read_text())["format_version"] == 1
+    assert shipped.roles == ("sam", "dino", "clip")
+
+
+def test_a_role_loaded_during_encoding_is_not_made_of_inference_tensors(bundles, ct_slices):
+    """Roles load when first used, which may be inside encode()'s inference mode; their weights must still be
+    ordinary tensors, or moving the backend to the CPU after a GPU out-of-memory would break it."""
+    from PRISMRTLib.features.backends import teachers_of
+
+    root, _ = bundles
+    slices, spacing = ct_slices
+    teachers = teachers_of(load_bundle(root / "teachers"))
+    backend = TeacherBackend({role: (lambda t=t: t) for role, t in teachers.items()})
+    backend.encode(slices, spacing)
+    assert not any(p.is_inference() for role in backend.roles for p in backend.teacher(role).module.parameters())
+    backend.to("cpu")
+    assert backend.encode(slices, spacing).dino_patches is not None

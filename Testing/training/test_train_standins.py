@@ -27,3 +27,25 @@ def test_every_teacher_has_default_steps():
     assert set(T.DEFAULT_STEPS) == set(T.TEACHERS)
     assert all(isinstance(v, int) and v > 0 for v in T.DEFAULT_STEPS.values())
     assert Path(T.MANIFEST).name == "manifest.json"
+
+
+def test_the_export_writes_a_bundle_by_role_that_loads(tmp_path, monkeypatch):
+    """The shipped stand-ins exported again (their trained modules stand in for the runs'): a format-2 bundle whose
+    every tensor is the shipped one."""
+    import torch
+
+    from PRISMRTLib.models import load_bundle
+    from PRISMRTLib.weights import default_manifest, model_path
+    from training.standins import biomedclip, dinov3, medsam
+
+    shipped = load_bundle(model_path(T.BUNDLE_NAME, default_manifest()))
+    monkeypatch.setattr(medsam, "load_trained", lambda folder: shipped.modules["sam"])
+    monkeypatch.setattr(dinov3, "load_trained", lambda folder: shipped.modules["dino"])
+    monkeypatch.setattr(biomedclip, "load_trained", lambda folder: shipped.modules["clip"])
+    folder = T.export_bundle(tmp_path / "runs", folder=tmp_path / "bundle", manifest=None)
+    again = load_bundle(folder)
+    assert again.roles == ("sam", "dino", "clip") and [s.name for s in again.teachers.values()] == [
+        "medsam-standin", "dinov3-standin", "biomedclip-standin"]
+    for role in again.roles:
+        a, b = again.modules[role].state_dict(), shipped.modules[role].state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

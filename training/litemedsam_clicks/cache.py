@@ -2,8 +2,9 @@
 
 Each item is one *view*: a slice of a training volume (axial, coronal or sagittal), optionally cropped to a smaller
 field of view (scale augmentation: structures appear larger, as on a zoomed clinical CT), windowed with a jittered
-preset (soft tissue, lung, head and neck, bone), letterboxed to 256 px exactly as inference does
-(:class:`PRISMRTLib.imaging.Letterbox`, top-left, square pixels) and stored as:
+preset (soft tissue, lung, head and neck, bone), letterboxed to 256 px with the geometry inference uses
+(:class:`PRISMRTLib.imaging.Letterbox`, top-left, square pixels; the slice is resampled in HU and windowed after,
+where inference windows first: the two differ only where the window clips, at edges) and stored as:
 
 - ``images``: the windowed view, uint8 (N, 256, 256), from which the embedding was computed (so it reproduces);
 - ``embeddings``: LiteMedSAM's image embedding, float16 (N, 256, 64, 64);
@@ -20,7 +21,6 @@ The plan is counter-based: item ``n`` depends only on (seed, n), so a build can 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -32,9 +32,10 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from PRISMRTLib.imaging import Letterbox, Orientation, SlicePlane
+from PRISMRTLib.imaging import Letterbox, SlicePlane
 from PRISMRTLib.imaging.intensity import Window
 from PRISMRTLib.imaging.resize import crop_with_padding
+from PRISMRTLib.weights.cache import sha256_file
 from PRISMRTLib.models.litemedsam import (LITEMEDSAM_PRESETS, build_litemedsam, litemedsam_input,
                                           read_released_checkpoint, released_checkpoint_path)
 
@@ -183,14 +184,6 @@ class Encoder:
         return torch.cat(out).to(torch.float16).cpu().numpy()
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _write_json(path: Path, data) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=1) + "\n")
@@ -217,7 +210,7 @@ def build(out: Path, items: int, seed: int = 0, threads: int = 2, openkbp_limit:
     encoder = Encoder()
     names = index["names"]
     n_shards = -(-items // ITEMS_PER_SHARD)
-    start = time.time()
+    start, built_now = time.time(), 0
     for shard in range(n_shards):
         file = f"shard_{shard:05d}.npz"
         if file in shards and (out / file).exists():
@@ -259,8 +252,9 @@ def build(out: Path, items: int, seed: int = 0, threads: int = 2, openkbp_limit:
         index["names"] = names
         _write_json(index_path, index)
         _write_json(shards_path, shards)
+        built_now += 1
         done = sum(1 for f in shards if int(f[6:11]) < n_shards)
-        eta = (time.time() - start) / max(1, done - (len(shards) - done)) * (n_shards - done) if done else 0
+        eta = (time.time() - start) / built_now * (n_shards - done)
         log(f"{file}: {len(mask_item)} masks, {time.time() - t0:.0f} s ({done}/{n_shards} shards; ~{eta / 60:.0f} min left)")
 
 

@@ -10,8 +10,10 @@ click rules of :mod:`PRISMRTLib.segmentation.prompts`, shared with ``prismrt eva
 - a share ``p_propagate`` is prompted as propagation prompts a slice: the neighbouring slice's box, deepest point
   and mask (as +-4..12 logits), the target being this slice's mask, empty where the structure ended; the rest start
   from a jittered box (``p_box``) or one click, then ``iterations - 1`` corrective clicks with the previous mask fed
-  back; BCE + soft Dice on the 256 px mask and MSE on the predicted IoU, every round;
-- the last ``holdout_shards`` shards of the cache are held out and scored every ``eval_every`` steps.
+  back; BCE + soft Dice on the 256 px mask and MSE on the predicted IoU, on one round per step drawn at random
+  (the rounds before it place its clicks without gradients; ``all_rounds`` supervises every round instead);
+- the last ``holdout_shards`` shards of the cache are not trained on and are scored every ``eval_every`` steps: a
+  validation of other views of the same training CTs, not a test (that is ``prismrt eval-seg`` on held-out CTs).
 
 The image encoder's weights are the released ones; the result is exported as a bundle that holds only the two heads
 and takes the encoder from the ``litemedsam`` model (each user's conversion of the released checkpoint)::
@@ -26,6 +28,7 @@ import argparse
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -151,7 +154,7 @@ def evaluate(heads: Heads, data: CacheData, clicks=(1, 3), max_objects: int = 64
         emb = data.embeddings[int(data.owner[m])][None].float()
         stack = unpack_masks(data.masks[m:m + 1])[0]
         target = stack[1]
-        history, previous = [], None
+        history, previous, pred = [], None, None
         for n in range(1, max(clicks) + 1):
             if n == 1:
                 history.append((*first_click(target), 1))
@@ -214,7 +217,7 @@ def train(cache: Path, out: Path, s: Settings, threads: int = 2, log_every: int 
     else:
         evals.append({"step": 0, **evaluate(heads, held)})
         if verbose:
-            print(f"step 0 held out: {evals[-1]}", flush=True)
+            print(f"step 0 validation: {evals[-1]}", flush=True)
 
     def checkpoint(step):
         save_atomic({"heads": heads.state_dict(), "optimizer": optimizer.state_dict(),
@@ -242,8 +245,11 @@ def train(cache: Path, out: Path, s: Settings, threads: int = 2, log_every: int 
         done = step + 1
         if done % log_every == 0 or done == end:
             n = len(window["loss"])
+            with warnings.catch_warnings():  # a round no step of the window reached has no Dice (nan)
+                warnings.simplefilter("ignore", RuntimeWarning)
+                per_round = np.nanmean(window["dice"], 0)
             log.append({"step": done, "loss": float(np.mean(window["loss"])),
-                        "train_dice_per_round": [round(float(v), 4) for v in np.nanmean(window["dice"], 0)],
+                        "train_dice_per_round": [round(float(v), 4) for v in per_round],
                         "lr": optimizer.param_groups[0]["lr"], "sec_per_step": window["time"] / n,
                         "elapsed_s": round(time.perf_counter() - t0, 1)})
             window = {"loss": [], "dice": [], "time": 0.0}
@@ -254,7 +260,7 @@ def train(cache: Path, out: Path, s: Settings, threads: int = 2, log_every: int 
         if done % eval_every == 0 or done == s.steps:
             evals.append({"step": done, **evaluate(heads, held)})
             if verbose:
-                print(f"step {done} held out: {evals[-1]}", flush=True)
+                print(f"step {done} validation: {evals[-1]}", flush=True)
         if done % ckpt_every == 0 or done == end:
             checkpoint(done)
     if end >= s.steps:
@@ -275,7 +281,7 @@ def plot(run: Path) -> Path | None:
     evals = json.loads((run / LOG).read_text())["evals"]
     for key in ("click1", "click3", "box", "propagate"):
         b.plot([e["step"] for e in evals], [e.get(key) for e in evals], marker="o", label=key)
-    b.set_xlabel("step"), b.set_ylabel("held-out Dice"), b.legend()
+    b.set_xlabel("step"), b.set_ylabel("validation Dice (views not trained on)"), b.legend()
     return save_curves(fig, run / "curves.png")
 
 
@@ -289,7 +295,7 @@ def export(run: Path, out: Path, name: str = "litemedsam-clicks", version: str =
     heads.load_state_dict(load_file(str(run / HEADS_FILE)), strict=True)
     settings = json.loads((run / LOG).read_text())
     meta = {"trained_by": "training/litemedsam_clicks/train.py", "settings": settings["settings"],
-            "held_out": settings["evals"][-1], "base": "litemedsam 1 (released image encoder, frozen)",
+            "validation_views_of_training_cts": settings["evals"][-1], "base": "litemedsam 1 (released image encoder, frozen)",
             "training_data": "training/litemedsam_clicks/sources.py (held-out data listed there)"}
     folder = save_bundle(out, "teachers", {"teachers": {"sam": spec_record(get_teacher("litemedsam"))}},
                          {"sam": model}, None, name=name, version=version, meta=meta, overwrite=True,
