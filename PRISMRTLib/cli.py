@@ -2,6 +2,9 @@
 
 Errors the user can fix are printed as one line (``prismrt: error: ...``) with exit code 2; ``--debug`` shows
 tracebacks. Commands whose models are not part of this version say so and exit with code 3.
+
+Every command checks its arguments, paths and outputs, then reads and checks its images, and only then loads a model:
+a mistake costs a second, not a model load. Other libraries' warnings stay off the terminal (``--debug`` shows them).
 """
 
 from __future__ import annotations
@@ -76,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("image", type=_existing_path, help="NIfTI/NRRD/MHA file or DICOM series folder")
     p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--window", default="soft-tissue", help="window preset (soft-tissue, lung, bone, brain, head-and-neck)")
+    p.add_argument("--window", help="CT window preset (soft-tissue, lung, bone, brain, head-and-neck; default "
+                                    "soft-tissue); an image that is not CT is shown between its percentiles")
     p.add_argument("--level", type=float, help="window level in HU (with --width, instead of --window)")
     p.add_argument("--width", type=float, help="window width in HU")
     p.add_argument("--point", help="slice through this point X,Y,Z in mm (default: centre of the body)")
@@ -160,14 +164,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _window_from_args(args):
-    from .imaging.intensity import Window, get_window
+def _window_from_args(args, image=None, summary=None):
+    """The overview's window: --level/--width, a CT preset, or for an image that is not CT its percentiles (never a CT
+    window). Without ``image`` only the flags are checked."""
+    from .imaging.intensity import Window, get_window, slice_intensity
 
     if (args.level is None) != (args.width is None):
         raise PrismRTError("give both --level and --width, or a --window preset")
     if args.level is not None:
         return Window(args.level, args.width), "custom"
-    return get_window(args.window), args.window
+    if args.window is not None:
+        window = get_window(args.window)
+        if summary is not None and not summary.is_ct:
+            raise PrismRTError(_not_ct_message(args, summary) + ", or give --level and --width")
+        return window, args.window
+    if summary is None or summary.is_ct:
+        return get_window("soft-tissue"), "soft-tissue"
+    import SimpleITK as sitk
+
+    scale = slice_intensity(sitk.GetArrayViewFromImage(image), None, False)
+    return Window((scale.lower + scale.upper) / 2, scale.upper - scale.lower), "percentiles 0.5-99.5 (not CT)"
+
+
+def _not_ct_message(args, summary) -> str:
+    return (f"--window {args.window} is a CT window in HU, but '{args.image}' is {summary.modality}: leave --window "
+            "out (an image that is not CT is scaled by its own percentiles)")
 
 
 def _point_from_args(text, coords):
@@ -179,12 +200,22 @@ def _point_from_args(text, coords):
     return ras_to_lps(point) if coords == "ras" else point
 
 
+def _device_text(requested: str) -> str:
+    """The device line of ``info``, found without importing torch (seconds, for one line of a quick check)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return "cpu (PyTorch is not installed)"
+    if requested == "auto":
+        return "auto: CUDA when PyTorch finds a GPU, else cpu (checked when a model loads)"
+    return f"{requested} (checked when a model loads)"
+
+
 def cmd_info(args) -> int:
-    from .device import describe_device, resolve_device
     from .imaging import check_volume, read_image
 
     summary = check_volume(read_image(args.image))
-    device = describe_device(resolve_device(args.device))
+    device = _device_text(args.device)
     if args.json:
         print(json.dumps({"source": str(args.image), **summary.to_dict(), "device": device}, indent=2))
     else:
@@ -192,13 +223,19 @@ def cmd_info(args) -> int:
     return 0
 
 
+OVERVIEW_FILES = ("overview.png", "report.md", "report.json")
+
+
 def cmd_overview(args) -> int:
-    from .imaging import read_image
+    from .imaging import check_volume, read_image
     from .report.overview import Overlay, write_overview_report
 
-    window, window_name = _window_from_args(args)
+    _window_from_args(args)  # the flags, before anything is read
     point = _point_from_args(args.point, args.coords)
+    for name in OVERVIEW_FILES:
+        _check_output(args.out / name, args.overwrite)
     image = read_image(args.image)
+    window, window_name = _window_from_args(args, image, check_volume(image))
     overlays = [Overlay(_mask_name(p), read_image(p)) for p in args.overlay]
     report = write_overview_report(
         image, args.out, window=window, window_name=window_name, source=str(args.image), point_lps=point,
@@ -216,6 +253,17 @@ def _mask_name(path: Path) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
+
+
+def _progress_bar(total: "int | None", desc: str, unit: str):
+    """A tqdm bar on stderr when it is a terminal (None otherwise: logs and pipes get no bar)."""
+    if not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False, dynamic_ncols=True)
 
 
 def _progress_printer(name: str):
@@ -282,14 +330,48 @@ def _check_output(path: Path, overwrite: bool, flag: str = "--out") -> None:
     """Refuse an existing output (without --overwrite) or one that cannot be written, before any work starts."""
     import os
 
+    if path.is_dir():
+        raise PrismRTError(f"{flag} '{path}' is a folder: give a file name, e.g. '{path / 'gtv.nii.gz'}'")
     if path.exists() and not overwrite:
         raise PrismRTError(f"'{path}' already exists: choose another {flag} or pass --overwrite")
-    parent = path.parent if not path.is_dir() else path
-    probe = parent
+    probe = path.parent  # the nearest folder that exists: the missing ones are made in it
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        raise PrismRTError(f"cannot write '{path}': '{probe}' is not writable; choose another {flag}")
+    if not probe.is_dir():
+        raise PrismRTError(f"cannot write '{path}': '{probe}' is a file, not a folder; choose another {flag}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PrismRTError(f"cannot write '{path}': the folder '{probe}' is read-only or not writable by you; "
+                           f"choose another {flag}")
+
+
+def _check_prompts(image, summary, orientation: str, positives, negatives, corners) -> None:
+    """Clicks and a box that cannot work, refused before a model loads: outside the volume, a box across slices, a
+    positive click on air (CT)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from .errors import GeometryError
+    from .imaging import Geometry, SlicePlane
+    from .imaging.intensity import AIR_HU
+
+    geometry = Geometry.from_image(image)
+    plane = SlicePlane.create(geometry, orientation)
+    for _, point in positives + negatives:
+        plane.locate(point)  # a clear error for a point outside the volume
+    if corners is not None:
+        ia, ib = plane.locate(corners[0])[0], plane.locate(corners[1])[0]
+        if ia != ib:
+            raise GeometryError(f"the box corners are on different {plane.orientation.value} slices ({ia} and {ib}): "
+                                "draw the box on one slice")
+    if summary.is_ct:
+        values = sitk.GetArrayViewFromImage(image)
+        for text, point in positives:
+            i, j, k = geometry.physical_to_voxel(point)
+            # the in-plane 3 x 3 median, so that one noisy voxel neither refuses nor passes a click
+            value = float(np.median(values[k, max(j - 1, 0):j + 2, max(i - 1, 0):i + 2]))
+            if value < AIR_HU:
+                raise PrismRTError(f"the positive click --point {text} is on air ({value:.0f} HU): click on the "
+                                   "structure itself (a click to leave something out goes with --negative)")
 
 
 def _split_model(spec: str) -> tuple[str, str | None]:
@@ -309,7 +391,7 @@ def cmd_segment(args) -> int:
         p = parse_point(text)
         return ras_to_lps(p) if args.coords == "ras" else p
 
-    positives, negatives = [point(t) for t in args.point], [point(t) for t in args.negative]
+    positives, negatives = [(t, point(t)) for t in args.point], [(t, point(t)) for t in args.negative]
     corners = None
     if args.box:
         values = [v for v in args.box.replace(";", ",").split(",") if v.strip()]
@@ -322,29 +404,46 @@ def cmd_segment(args) -> int:
         from .imaging.intensity import get_window
 
         get_window(args.window)  # an unknown preset is refused before anything loads
+    from .imaging import check_volume, read_image
+    from .imaging.io import check_image_suffix
+
     _check_output(args.out, args.overwrite)
+    check_image_suffix(args.out)
+    image = read_image(args.image)
+    summary = check_volume(image)
+    if args.window and not summary.is_ct:
+        raise PrismRTError(_not_ct_message(args, summary))
+    _check_prompts(image, summary, args.orientation, positives, negatives, corners)
+    for warning in summary.warnings:
+        _warn(warning)
+    from .device import resolve_device
+
+    device = resolve_device(args.device)  # before any weights are fetched or loaded
 
     import numpy as np
 
     from .features import open_backend
-    from .imaging import read_image, write_image
+    from .imaging import write_image
     from .segmentation import SegmentationSession
 
-    image = read_image(args.image)
-    backend = open_backend(args.backend, args.model, args.device, progress=_progress_printer("weights"))
+    backend = open_backend(args.backend, args.model, device, progress=_progress_printer("weights"))
     session = SegmentationSession(backend, image, args.orientation, window=args.window)
-    for warning in session.summary.warnings:
-        _warn(warning)
     results = []
     if corners is not None:
         results.append(session.set_box(*corners))
-    for p in positives:
+    for _, p in positives:
         results.append(session.add_point(p, positive=True))
-    for p in negatives:
+    for _, p in negatives:
         results.append(session.add_point(p, positive=False))
     warnings = [w for r in results for w in r.warnings]
     if args.propagate:
-        session.propagate(cross_views=args.cross_views)
+        bar = _progress_bar(None, "propagating", "slice")  # a count: where it stops is not known beforehand
+        try:
+            session.propagate(cross_views=args.cross_views,
+                              progress=None if bar is None else (lambda index: bar.update(1)))
+        finally:
+            if bar is not None:
+                bar.close()
         warnings += session.last_propagation.warnings
     mask = session.result()
     write_image(mask, args.out, overwrite=args.overwrite)
@@ -365,14 +464,6 @@ def cmd_segment(args) -> int:
 def cmd_eval_seg(args) -> int:
     import time
 
-    import SimpleITK as sitk
-
-    from .features import VolumeFeatures, open_backend
-    from .imaging import check_volume, read_image, slice_intensity
-    from .segmentation.cases import load_cases, select
-    from .segmentation.evaluation import (BOX_FILLED, evaluate_case, markdown_tables, prompt_label, summarise,
-                                          to_records, wilcoxon, write_results)
-
     modes = list(dict.fromkeys(args.mode or ["3d"]))
     firsts = list(dict.fromkeys(args.first or ["click"]))
     outputs = [args.out / "results.json", args.out / "results.md"]
@@ -387,6 +478,16 @@ def cmd_eval_seg(args) -> int:
         get_window(args.window)
     if args.baseline and "box" not in firsts:
         raise PrismRTError("--baseline box-filled is a box baseline: add --first box")
+    if args.limit is not None and args.limit < 1:
+        raise PrismRTError("--limit must be at least 1")
+
+    import SimpleITK as sitk
+
+    from .features import VolumeFeatures, open_backend
+    from .imaging import check_volume, read_image, slice_intensity
+    from .segmentation.cases import load_cases, select
+    from .segmentation.evaluation import (BOX_FILLED, evaluate_case, markdown_tables, prompt_label, summarise,
+                                          to_records, wilcoxon, write_results)
     pairs, seen = [], {}
     for source in args.cases:
         cases = load_cases(source)[: args.limit]
@@ -398,6 +499,9 @@ def cmd_eval_seg(args) -> int:
         pairs += select(cases, args.structure or None)
     if not pairs:
         raise PrismRTError(f"no case has the structure(s) {', '.join(args.structure)}: see the cases' mask names")
+    from .device import resolve_device
+
+    device = resolve_device(args.device)  # before any weights are fetched or loaded
     # every method resolved (and its files fetched) before any work, so a bad --model fails at once
     from .features.resolve import model_folder
     from .models.bundle import read_bundle_config
@@ -415,8 +519,10 @@ def cmd_eval_seg(args) -> int:
         methods.append((backend_name, model))
         labels.append(label)
     results, timing = [], {}
+    bar = _progress_bar(len(pairs) * len(methods), "eval-seg", "case")
+    say = bar.write if bar is not None else (lambda text: print(text, file=sys.stderr))
     for (backend_name, model), label in zip(methods, labels):
-        backend = open_backend(backend_name, model, args.device, progress=_progress_printer("weights"))
+        backend = open_backend(backend_name, model, device, progress=_progress_printer("weights"))
         start = time.perf_counter()
         window = args.window or backend.default_window
         images = {}
@@ -428,16 +534,22 @@ def cmd_eval_seg(args) -> int:
             image, features = images[case.id]
             reference = case.reference(structure, image)
             if not reference.any():
+                if bar is not None:
+                    bar.update(1)
                 continue
             results += evaluate_case(backend, image, reference, case=case.id, structure=structure, method=label,
                                      modes=modes, firsts=firsts, max_prompts=args.clicks,
                                      orientation=args.orientation, window=window, cross_views=args.cross_views,
                                      group=case.group, features=features)
             last = results[-1]
-            print(f"{label} {structure} {case.id}: DSC {last.dice:.3f} ({last.mode}, "
-                  f"{prompt_label(last.first, last.prompts)})", file=sys.stderr)
+            say(f"{label} {structure} {case.id}: DSC {last.dice:.3f} ({last.mode}, "
+                f"{prompt_label(last.first, last.prompts)})")
+            if bar is not None:
+                bar.update(1)
         timing[label] = time.perf_counter() - start
         del images, backend  # this method's models and features go before the next one loads
+    if bar is not None:
+        bar.close()
     if args.baseline:
         from .segmentation.evaluation import BaselineBackend
 
@@ -507,11 +619,45 @@ def _attach_negative_values(argv: list[str]) -> list[str]:
     return out
 
 
+# errno values of an environment the user can fix (permissions, a read-only or full disk), not of a bug
+_FIXABLE_ERRNOS = {"EACCES", "EPERM", "EROFS", "ENOSPC", "EDQUOT", "ENOTDIR", "EISDIR", "EEXIST", "ENOENT"}
+
+
+def _fixable_os_error(exc: OSError) -> str | None:
+    import errno
+
+    if exc.filename is None or errno.errorcode.get(exc.errno) not in _FIXABLE_ERRNOS:
+        return None
+    return f"cannot use '{exc.filename}': {exc.strerror}: check the path, its permissions and the free disk space"
+
+
+def _run_quietly(command, args) -> int:
+    """Run a command with other libraries' warnings off the terminal (Python's and ITK's), restored afterwards."""
+    import warnings
+
+    try:
+        import SimpleITK as sitk
+
+        itk_warnings = sitk.ProcessObject.GetGlobalWarningDisplay()
+    except ImportError:  # pragma: no cover - SimpleITK is a dependency
+        sitk = None
+    with warnings.catch_warnings():
+        if not args.debug:
+            warnings.filterwarnings("ignore", module=r"(?!PRISMRTLib)")
+            if sitk is not None:
+                sitk.ProcessObject.SetGlobalWarningDisplay(False)
+        try:
+            return command(args)
+        finally:
+            if sitk is not None:
+                sitk.ProcessObject.SetGlobalWarningDisplay(itk_warnings)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(_attach_negative_values(list(sys.argv[1:] if argv is None else argv)))
     try:
-        return COMMANDS[args.command](args)
+        return _run_quietly(COMMANDS[args.command], args)
     except NotAvailableError as exc:
         print(f"prismrt {args.command}: {exc}", file=sys.stderr)
         return EXIT_NOT_AVAILABLE
@@ -523,7 +669,12 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("prismrt: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # a bug, not bad input: say so, keep the traceback one flag away
+    except Exception as exc:
+        message = _fixable_os_error(exc) if isinstance(exc, OSError) else None
+        if message is not None and not args.debug:  # the environment (permissions, disk), not a bug
+            print(f"prismrt: error: {message}", file=sys.stderr)
+            return EXIT_USAGE
+        # a bug, not bad input: say so, keep the traceback one flag away
         if args.debug:
             raise
         print(f"prismrt: internal error: {type(exc).__name__}: {exc} (rerun with --debug and report it)", file=sys.stderr)

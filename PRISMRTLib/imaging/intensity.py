@@ -13,6 +13,9 @@ import numpy as np
 from ..errors import InvalidImageError
 
 
+AIR_HU = -980.0  # below this (around a click), CT is air: lung parenchyma, even emphysematous, reads above it
+
+
 @dataclass(frozen=True)
 class Window:
     """A display window in HU: values below ``level - width/2`` map to 0, above ``level + width/2`` to 1."""

@@ -10,7 +10,7 @@ import SimpleITK as sitk
 from ..errors import InvalidImageError
 from .geometry import Geometry
 from .intensity import ct_likelihood_problems
-from .io import image_modality
+from .io import image_modality, nonfinite_message
 
 # Pixel types a CT/MR volume can have; label, complex and vector types are refused.
 _SCALAR_TYPES = {
@@ -119,12 +119,10 @@ def check_volume(image: sitk.Image, expect_ct: bool = True) -> VolumeSummary:
         )
 
     values = sitk.GetArrayViewFromImage(image)
-    finite = np.isfinite(values)
-    if not finite.all():
-        bad = int(values.size - np.count_nonzero(finite))
-        raise InvalidImageError(
-            f"{bad} voxels are NaN or infinite: replace them (e.g. with -1024 HU for CT) and load the volume again"
-        )
+    if values.dtype.kind == "f":  # slab by slab: a full-size mask would cost a byte per voxel on huge volumes
+        bad = sum(int(slab.size - np.count_nonzero(np.isfinite(slab))) for slab in values)
+        if bad:
+            raise InvalidImageError(nonfinite_message(bad, int(values.size)))
     lo, hi = float(values.min()), float(values.max())
     if lo == hi:
         raise InvalidImageError(f"the volume is constant ({lo:g} everywhere): it holds no image; check the file")

@@ -60,7 +60,7 @@ def test_info_reports_geometry_as_json(sample_dir):
     info = json.loads(out)
     assert info["size_ijk"] == [128, 128, 128]
     assert info["orientation"] == "i: R->L, j: A->P, k: S->I"
-    assert info["device"].startswith(("cpu", "cuda"))
+    assert info["device"].startswith(("auto", "cpu"))  # named, not probed: info does not import torch
 
 
 def test_overview_writes_the_figure_and_report(sample_dir, tmp_path):
@@ -128,11 +128,17 @@ def test_device_option_after_the_subcommand(sample_dir, capsys):
     assert "Device:      cpu" in capsys.readouterr().out
 
 
-def test_unavailable_cuda_is_a_clear_error(sample_dir, capsys):
+def test_unavailable_cuda_is_a_clear_error(sample_dir, tmp_path, capsys):
+    """Checked by the commands that run a model, before its weights are fetched or loaded (here: none there)."""
+    import SimpleITK as sitk
+
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    assert main(["--device", "cuda", "info", str(sample_dir / "ct.nii.gz")]) == 2
+    ct = sample_dir / "ct.nii.gz"
+    point = ",".join(f"{v:.3f}" for v in sitk.ReadImage(str(ct)).TransformIndexToPhysicalPoint((64, 70, 60)))
+    assert main(["--device", "cuda", "segment", str(ct), "--point", point, "--backend", "teachers",
+                 "--model", str(tmp_path), "--out", str(tmp_path / "m.nii.gz")]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err
 
 

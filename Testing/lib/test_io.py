@@ -6,7 +6,7 @@ import pytest
 import SimpleITK as sitk
 
 from prismrt_testing import DIRECTIONS, make_volume
-from PRISMRTLib.errors import ImageReadError, ImageWriteError
+from PRISMRTLib.errors import ImageReadError, ImageWriteError, InvalidImageError
 from PRISMRTLib.imaging import (
     Geometry, check_volume, image_modality, list_dicom_series, read_image, write_image,
 )
@@ -118,3 +118,99 @@ def test_openkbp_ct_and_masks_share_a_grid(sample_dir):
     for path in sample_dir.glob("*.nii.gz"):
         _same_geometry(ct, read_image(path))
     assert os.path.getsize(sample_dir / "ct.nii.gz") < 1_000_000
+
+
+# ---- files that lie: truncated, damaged, NaN hidden by the reader --------------------------------------------------
+def _float_ct(nan_at=None):
+    arr = np.full((6, 10, 12), -1000.0, np.float32)
+    arr[:, 2:8, 3:9] = 40.0
+    if nan_at is not None:
+        arr[nan_at] = np.nan
+    return sitk.GetImageFromArray(arr)
+
+
+@pytest.mark.parametrize("suffix, compress", [(".nii.gz", True), (".nii", False), (".nrrd", True), (".nrrd", False),
+                                              (".mha", True), (".mha", False)])
+def test_truncated_files_are_refused_not_zero_filled(tmp_path, suffix, compress):
+    full = tmp_path / f"full{suffix}"
+    sitk.WriteImage(_float_ct(), str(full), compress)
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size * 2 // 3])
+    with pytest.raises(ImageReadError, match="is truncated or damaged .*: copy or export the file again"):
+        read_image(cut)
+
+
+def test_a_damaged_gzip_stream_is_refused(tmp_path):
+    path = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(_float_ct(), str(path), True)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x5A
+    path.write_bytes(bytes(data))
+    with pytest.raises(ImageReadError, match="truncated or damaged"):
+        read_image(path)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha"])
+def test_nan_voxels_are_never_read_as_zero(tmp_path, suffix):
+    """SimpleITK's NIfTI reader sets NaN to 0; read_image refuses the file instead, as check_volume does for the
+    formats whose readers keep the NaN."""
+    path = tmp_path / f"nan{suffix}"
+    sitk.WriteImage(_float_ct(nan_at=(2, 3, 4)), str(path), True)
+    with pytest.raises(InvalidImageError, match="1 voxels are NaN or infinite"):
+        check_volume(read_image(path))
+
+
+def _big_endian_copy(source, target):
+    """The NIfTI-1 file ``source`` (little-endian, float32) rewritten big-endian: every header field and voxel."""
+    import struct
+
+    layout = "i10s18sihcc8h3f4h8f3fhcc4f2i80s24s2h6f12f16s4s"  # the 348-byte NIfTI-1 header, field by field
+    data = source.read_bytes()
+    header = struct.pack(">" + layout, *struct.unpack("<" + layout, data[:348]))
+    offset = int(struct.unpack("<f", data[108:112])[0])
+    voxels = np.frombuffer(data[offset:], "<f4").astype(">f4").tobytes()
+    target.write_bytes(header + data[348:offset] + voxels)
+
+
+def test_nan_is_found_in_big_endian_nifti(tmp_path):
+    good, bad = tmp_path / "good.nii", tmp_path / "bad.nii"
+    sitk.WriteImage(_float_ct(), str(good), False)
+    sitk.WriteImage(_float_ct(nan_at=(1, 1, 1)), str(bad), False)
+    _big_endian_copy(good, tmp_path / "good-be.nii")
+    _big_endian_copy(bad, tmp_path / "bad-be.nii")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_image(tmp_path / "good-be.nii")),
+                                  sitk.GetArrayFromImage(_float_ct()))
+    with pytest.raises(InvalidImageError, match="1 voxels are NaN"):
+        read_image(tmp_path / "bad-be.nii")
+
+
+def test_plain_nifti_named_nii_gz_still_reads(tmp_path):
+    plain = tmp_path / "plain.nii"
+    sitk.WriteImage(_float_ct(), str(plain), False)
+    named = tmp_path / "named.nii.gz"
+    named.write_bytes(plain.read_bytes())
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_image(named)), sitk.GetArrayFromImage(_float_ct()))
+
+
+def test_empty_files_and_folders_without_dicom_say_so(tmp_path):
+    empty = tmp_path / "ct.nii.gz"
+    empty.write_bytes(b"")
+    with pytest.raises(ImageReadError, match=r"is empty \(0 bytes\)"):
+        read_image(empty)
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "readme.txt").write_text("hello")
+    with pytest.raises(ImageReadError, match=r"none of its 1 file\(s\) is DICOM"):
+        read_image(folder)
+
+
+def test_library_noise_on_stderr_is_kept_off_the_terminal(capfd):
+    from PRISMRTLib.imaging.io import _native_stderr
+
+    with _native_stderr() as outer:
+        os.write(2, b"ITK WARNING: noise\n")
+        with _native_stderr():  # nested: the outer capture keeps it
+            os.write(2, b"GDCM: more noise\n")
+        assert "noise" in outer.text() and "more noise" in outer.text()
+    os.write(2, b"after\n")
+    assert capfd.readouterr().err == "after\n"

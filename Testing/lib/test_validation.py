@@ -69,3 +69,9 @@ def test_dicom_modality_other_than_ct_is_named():
     image = make_volume(np.eye(3))
     image.SetMetaData("0008|0060", "MR")
     assert any("modality is MR" in w for w in check_volume(image).warnings)
+
+
+def test_an_all_nan_volume_is_not_called_constant():
+    arr = np.full((6, 7, 8), np.nan, np.float32)
+    with pytest.raises(InvalidImageError, match="all 336 voxels are NaN or infinite: the file holds no image"):
+        check_volume(_image(arr))
