@@ -435,7 +435,8 @@ def cmd_segment(args) -> int:
         results.append(session.add_point(p, positive=True))
     for _, p in negatives:
         results.append(session.add_point(p, positive=False))
-    warnings = [w for r in results for w in r.warnings]
+    # each slice's warnings as its last prompt left it: an earlier click's doubt, since corrected, is not news
+    warnings = [w for r in {r.index: r for r in results}.values() for w in r.warnings]
     if args.propagate:
         bar = _progress_bar(None, "propagating", "slice")  # a count: where it stops is not known beforehand
         try:

@@ -71,13 +71,17 @@ def load_openkbp(folder: Path) -> Volume:
     ct = read_image(folder / "ct.nii.gz")
     volume = Volume(folder.name, "openkbp", _hu(ct), Geometry.from_image(ct))
     for name in OPENKBP_STRUCTURES:
-        path = folder / f"{name}.nii.gz"
-        if path.exists():
-            layer = (_on_grid(read_image(path), ct) > 0).astype(np.uint8)
-            if layer.any():
-                volume.structures[name] = (len(volume.layers), 1)
-                volume.layers.append(layer)
+        _add_mask(volume, name, folder / f"{name}.nii.gz", ct)
     return volume
+
+
+def _add_mask(volume: Volume, name: str, path: Path, ct) -> None:
+    """One structure's mask file, resampled onto the CT grid, as a layer of its own (skipped if absent or empty)."""
+    if path.exists():
+        layer = (_on_grid(read_image(path), ct) > 0).astype(np.uint8)
+        if layer.any():
+            volume.structures[name] = (len(volume.layers), 1)
+            volume.layers.append(layer)
 
 
 def load_masks_folder(folder: Path, source: str, names: tuple[str, ...]) -> Volume:
@@ -86,12 +90,7 @@ def load_masks_folder(folder: Path, source: str, names: tuple[str, ...]) -> Volu
     volume = Volume(folder.name, source, _hu(ct), Geometry.from_image(ct))
     for name in names:
         path = folder / "masks" / f"{name}.nii.gz"
-        path = path if path.exists() else folder / f"{name}.nii.gz"
-        if path.exists():
-            layer = (_on_grid(read_image(path), ct) > 0).astype(np.uint8)
-            if layer.any():
-                volume.structures[name] = (len(volume.layers), 1)
-                volume.layers.append(layer)
+        _add_mask(volume, name, path if path.exists() else folder / f"{name}.nii.gz", ct)
     return volume
 
 
