@@ -5,6 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.prismrt-installed
 OUT    ?= out/demo
 SAMPLE := Testing/Data/openkbp_pt_226
+SARCOMA := Testing/Data/sts_002
 
 .PHONY: env demo test clean-env
 
@@ -22,10 +23,16 @@ demo: $(STAMP)
 	    --overlay $(SAMPLE)/PTV70.nii.gz --overlay $(SAMPLE)/LeftParotid.nii.gz \
 	    --overlay $(SAMPLE)/RightParotid.nii.gz --overlay $(SAMPLE)/SpinalCord.nii.gz \
 	    --out $(OUT) --overwrite
-	# three clicks on the target's central slice (PTV70's most interior point, then two where the first masks missed
-	# most, as eval-seg simulates a user), propagated into 3D with the shipped stand-in teachers
+	# one click in a soft-tissue sarcoma (the GTV's deepest point) at clinical resolution, propagated into 3D with the
+	# default model (no backend flag: LiteMedSAM fine-tuned for clicks), drawn against the clinician's GTV
+	$(BIN)/prismrt segment $(SARCOMA)/ct.nii.gz --point 83.98,128.91,-550.56 --propagate \
+	    --out $(OUT)/sarcoma_one_click.nii.gz --overwrite
+	$(BIN)/prismrt overview $(SARCOMA)/ct.nii.gz --window soft-tissue --point 83.98,128.91,-550.56 \
+	    --overlay $(SARCOMA)/GTV.nii.gz --overlay $(OUT)/sarcoma_one_click.nii.gz --out $(OUT)/sarcoma --overwrite
+	# the head-and-neck CT with the shipped stand-in teachers: three clicks on PTV70's central slice, propagated
 	$(BIN)/prismrt segment $(SAMPLE)/ct.nii.gz --point 246.1,222.6,-160.0 --point 273.4,242.2,-160.0 \
-	    --point 218.7,238.3,-160.0 --propagate --backend teachers --model teachers-standin-openkbp --out $(OUT)/ptv70_three_clicks.nii.gz --overwrite
+	    --point 218.7,238.3,-160.0 --propagate --backend teachers --model teachers-standin-openkbp \
+	    --out $(OUT)/ptv70_three_clicks.nii.gz --overwrite
 	$(BIN)/prismrt overview $(SAMPLE)/ct.nii.gz --window head-and-neck --point 246.1,222.6,-160.0 \
 	    --overlay $(SAMPLE)/PTV70.nii.gz --overlay $(OUT)/ptv70_three_clicks.nii.gz \
 	    --out $(OUT)/segmentation --overwrite

