@@ -306,7 +306,9 @@ class SegmentationSession:
         it stops short: they came from the user's other clicks, and a correction that the model turns into a
         poorer mask should not take the rest of the structure with it (3D Dice after 3 clicks on the 33
         validation patients, clearing -> keeping them: PTV70 0.549 -> 0.569, RightParotid 0.440 -> 0.527, Larynx
-        0.550 -> 0.599). Only a slice the user erased ends the structure: what was propagated beyond it is cleared.
+        0.550 -> 0.599). Once the structure has been propagated, a re-propagation stays within the slices it spans or
+        the user clicked (:meth:`_extent`). Only a slice the user erased ends the structure: what was propagated
+        beyond it is cleared.
         ``progress(index)`` is called with the seed's index once the views are segmented, with each slice's index
         once it is written, and with the seed's again before the result is committed; an exception it raises cancels
         the propagation and leaves the session as it was. Returns the 3D mask.
@@ -322,6 +324,7 @@ class SegmentationSession:
         if not seed_mask.any():
             raise PrismRTError(f"slice {from_index} has no mask to propagate from: click on the structure there first")
         limit = self.plane.num_slices if max_slices is None else int(max_slices)
+        extent = self._extent()
         guide = self.cross_view_guide(from_index, seed_mask) if cross_views else None
         if progress:  # nothing written yet: a cancel here costs only the views
             progress(from_index)
@@ -339,6 +342,10 @@ class SegmentationSession:
                         # structure there
                         erased = None if self.plane.extract(self.mask, index).any() else index
                         stops[direction] = f"at slice {index}, drawn by you"
+                        break
+                    if extent is not None and not extent[0] <= index <= extent[1]:
+                        stops[direction] = (f"at slice {index}, beyond where the structure reached before; click on a "
+                                            "slice further out to take it further")
                         break
                     if guide is not None and not guide.first - margin <= index <= guide.last + margin:
                         stops[direction] = (f"at slice {index}, beyond where the orthogonal views show the structure "
@@ -394,6 +401,16 @@ class SegmentationSession:
 
     def can_redo(self) -> bool:
         return bool(self._redo)
+
+    def _extent(self) -> tuple[int, int] | None:
+        """Once the structure has been propagated, the slices it spans (clicked slices included): a re-propagation
+        after a correction fills in within them and goes further only where the user clicked further. Otherwise a
+        correction near the structure's end (a negative click leaving a sliver) would propagate the sliver on into
+        the neighbouring anatomy (LUNG1-001: 3D Dice 0.69 -> 0.50 after three clicks)."""
+        occupied = [i for i in self._source if self.plane.extract(self.mask, i).any()]
+        if not any(self._source[i] == "propagated" for i in occupied):
+            return None
+        return min(occupied), max(occupied)
 
     def undo(self) -> str:
         if not self._undo:

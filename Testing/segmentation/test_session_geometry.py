@@ -370,3 +370,42 @@ def test_a_cancelled_propagation_leaves_the_session_as_it_was(phantom, cancel_at
     assert after[2].keys() == before[2].keys() and all(after[2][i] == before[2][i] for i in before[2])
     assert after[3].keys() == before[3].keys() and all(after[3][i] is before[3][i] for i in before[3])
     assert session.undo() == "positive click"  # the propagation left no step behind
+
+
+class _WideGuide(SegmentationSession):
+    """Orthogonal views that reach 3 slices down and 4 up from the slice they are cut through (wherever that is)."""
+
+    def cross_view_guide(self, index, mask, points_per_view=3):
+        return CrossViewGuide(index - 3, index + 4, [])
+
+
+def test_a_correction_fills_in_the_structure_but_grows_it_only_as_far_as_the_user_clicked(phantom):
+    """After a first propagation, re-propagating from a corrected slice stays within the slices the structure
+    spanned (here the views through the corrected slice would reach further); a click on a slice beyond them
+    takes it that far, and no further."""
+    image, ptv = phantom
+    session = _WideGuide(OracleBackend(), image, "axial", window="soft-tissue")
+    plane = session.plane
+    index, stack, point = _largest_slice(session, ptv)
+    session.add_point(point)
+    session.propagate(min_area_mm2=1.0, min_overlap=0.0, cross_view_margin_mm=0.0)
+
+    def span():
+        filled = np.flatnonzero(plane.stack_view(session.mask.astype(bool)).any(axis=(1, 2)))
+        return int(filled[0]), int(filled[-1])
+
+    assert span() == (index - 3, index + 4)
+    inside = index + 3
+    session.add_point(plane.slice_coords_to_point([inside, *interior_point(stack[inside])]))
+    session.propagate(from_index=inside, min_area_mm2=1.0, min_overlap=0.0, cross_view_margin_mm=0.0)
+    assert span() == (index - 3, index + 4)  # the views through slice index + 3 reach index + 7: not taken
+    assert "beyond where the structure reached before" in session.last_propagation.stops[+1]
+    beyond = index + 6
+    assert stack[beyond].any()
+    session.add_point(plane.slice_coords_to_point([beyond, *interior_point(stack[beyond])]))
+    session.propagate(from_index=beyond, min_area_mm2=1.0, min_overlap=0.0, cross_view_margin_mm=0.0)
+    assert span() == (index - 3, beyond)
+    assert session.plane.stack_view(session.mask.astype(bool))[index + 5].any()  # filled in between
+    session.undo()
+    session.undo()
+    assert span() == (index - 3, index + 4)
