@@ -555,8 +555,11 @@ def cmd_eval_seg(args) -> int:
         from .segmentation.evaluation import BaselineBackend
 
         labels.append(BOX_FILLED)
+        images = {}
         for case, structure in pairs:
-            image = read_image(case.image)
+            if case.id not in images:  # one CT in memory at a time, read once for all its structures
+                images = {case.id: read_image(case.image)}
+            image = images[case.id]
             reference = case.reference(structure, image)
             if reference.any():
                 results += evaluate_case(BaselineBackend(), image, reference, case=case.id, structure=structure,

@@ -104,11 +104,6 @@ class FeatureBackend:
     def sam_input_size(self) -> int:
         raise NotImplementedError
 
-    @property
-    def first_click_mask(self) -> int | None:
-        """Which of SAM's three masks a lone click keeps (None: the highest predicted IoU)."""
-        return None
-
     def describe(self) -> str:
         """One line naming the models behind this backend (for messages and reports)."""
         return self.name
@@ -289,10 +284,6 @@ class TeacherBackend(FeatureBackend):
     @property
     def default_window(self) -> str:
         return self.teacher("sam").spec.default_window if "sam" in self._sources else FeatureBackend.default_window
-
-    @property
-    def first_click_mask(self) -> int | None:
-        return self.teacher("sam").spec.first_click_mask if "sam" in self._sources else None
 
     def describe(self) -> str:
         """The teachers loaded so far (those a task used), e.g. "teachers: sam=litemedsam-clicks 1"."""

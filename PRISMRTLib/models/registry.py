@@ -176,9 +176,6 @@ class TeacherSpec:
     weights: str = ""  # where real weights come from, and how they reach a bundle
     licence: str = ""
     default_window: str = "soft-tissue"  # the CT window the model was trained with (sam role: delineation's default)
-    # sam role: which of SAM's three masks a lone click keeps; None = the one with the highest predicted IoU (SAM's
-    # rule). A fine-tuned model may store a fixed output chosen on its validation views.
-    first_click_mask: int | None = None
 
     @property
     def role(self) -> str:
@@ -348,23 +345,12 @@ def teacher_set(name: str) -> dict[str, TeacherSpec]:
 def spec_from_record(record: dict) -> TeacherSpec:
     """A spec from a bundle's ``{"name", "config"}`` record: the registry's teacher with the stored config (which may
     differ in size, e.g. a converted DINOv3 ViT-S)."""
-    from dataclasses import replace
-
     spec = get_teacher(record["name"])
-    spec = spec.with_config(FAMILIES[spec.family].config_from_dict(record["config"]))
-    k = record.get("first_click_mask")
-    if k is not None:
-        if not isinstance(k, int) or not 0 <= k < 3:
-            raise ValueError(f"teacher '{spec.name}': first_click_mask must be 0, 1 or 2, not {k!r}")
-        spec = replace(spec, first_click_mask=k)
-    return spec
+    return spec.with_config(FAMILIES[spec.family].config_from_dict(record["config"]))
 
 
 def spec_record(spec: TeacherSpec) -> dict:
-    record = {"name": spec.name, "config": spec.config_dict()}
-    if spec.first_click_mask is not None:
-        record["first_click_mask"] = spec.first_click_mask
-    return record
+    return {"name": spec.name, "config": spec.config_dict()}
 
 
 def student_targets(teachers: dict[str, TeacherSpec]) -> dict[str, FeatureTarget]:

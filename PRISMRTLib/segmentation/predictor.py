@@ -3,8 +3,7 @@
 
 Prompts are in slice pixels (row, col; pixel centres at integers); they reach the model grid through the features'
 :class:`~PRISMRTLib.imaging.Letterbox` and masks come back through its exact inverse. A single click without a box
-or a mask asks for SAM's three masks and keeps the one the model rates best (its predicted IoU), or the output the
-model's bundle names (``first_click_mask``, chosen on its validation views).
+or a mask asks for SAM's three masks and keeps the one the model rates best (its predicted IoU).
 """
 
 from __future__ import annotations
@@ -81,8 +80,7 @@ class MaskPredictor:
             dense_prompt_embeddings=dense,
             multimask_output=multimask,
         )
-        fixed = be.first_click_mask if multimask else None
-        best = int(fixed) if fixed is not None else int(torch.argmax(iou[0]))
+        best = int(torch.argmax(iou[0]))
         logits = low_res[0, best].float().cpu().numpy()
         mask = box.resize_to_slice(logits, order=1) > 0.0
         return Prediction(mask, float(iou[0, best]), logits)

@@ -29,7 +29,7 @@ import json
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -285,10 +285,8 @@ def plot(run: Path) -> Path | None:
     return save_curves(fig, run / "curves.png")
 
 
-def export(run: Path, out: Path, name: str = "litemedsam-clicks", version: str = "1",
-           first_click_mask: int | None = None) -> Path:
-    """The fine-tuned heads as a ``teachers`` bundle on the ``litemedsam`` base (its image encoder), float16.
-    ``first_click_mask``: the output a lone click keeps (chosen by ``first_click.py`` on the validation views)."""
+def export(run: Path, out: Path, name: str = "litemedsam-clicks", version: str = "1") -> Path:
+    """The fine-tuned heads as a ``teachers`` bundle on the ``litemedsam`` base (its image encoder), float16."""
     from PRISMRTLib.models.bundle import load_bundle, save_bundle
     from PRISMRTLib.models.registry import get_teacher, spec_record
 
@@ -299,8 +297,7 @@ def export(run: Path, out: Path, name: str = "litemedsam-clicks", version: str =
     meta = {"trained_by": "training/litemedsam_clicks/train.py", "settings": settings["settings"],
             "validation_views_of_training_cts": settings["evals"][-1], "base": "litemedsam 1 (released image encoder, frozen)",
             "training_data": "training/litemedsam_clicks/sources.py (held-out data listed there)"}
-    spec = replace(get_teacher("litemedsam"), first_click_mask=first_click_mask)
-    folder = save_bundle(out, "teachers", {"teachers": {"sam": spec_record(spec)}},
+    folder = save_bundle(out, "teachers", {"teachers": {"sam": spec_record(get_teacher("litemedsam"))}},
                          {"sam": model}, None, name=name, version=version, meta=meta, overwrite=True,
                          float_dtype=torch.float16,
                          base={"model": "litemedsam", "version": "1", "components": ["sam.image_encoder"]})
@@ -323,14 +320,12 @@ def main(argv=None) -> None:
     e = sub.add_parser("export")
     e.add_argument("--run", type=Path, required=True)
     e.add_argument("--out", type=Path, required=True)
-    e.add_argument("--first-click-mask", type=int, choices=(0, 1, 2),
-                   help="the output a lone click keeps (default: the highest predicted IoU)")
     args = p.parse_args(argv)
     if args.command == "train":
         s = Settings(**{k: getattr(args, k) for k in asdict(Settings()) if k not in ("train_items", "cache")})
         train(args.cache, args.out, s, args.threads, eval_every=args.eval_every, stop_at=args.stop_at)
     else:
-        print(export(args.run, args.out, first_click_mask=args.first_click_mask))
+        print(export(args.run, args.out))
 
 
 if __name__ == "__main__":
