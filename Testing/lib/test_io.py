@@ -214,3 +214,61 @@ def test_library_noise_on_stderr_is_kept_off_the_terminal(capfd):
         assert "noise" in outer.text() and "more noise" in outer.text()
     os.write(2, b"after\n")
     assert capfd.readouterr().err == "after\n"
+
+
+def _rescaled_copy(source, target, slope: float, inter: float):
+    """The uncompressed NIfTI-1 file ``source`` with its scl_slope and scl_inter fields set."""
+    import struct
+
+    data = bytearray(source.read_bytes())
+    data[112:120] = struct.pack("<2f", slope, inter)
+    target.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("case", ["int16.nii.gz", "int16.nii", "float32.nii.gz", "rescaled.nii", "ras.nii.gz"])
+def test_large_nifti_read_in_slabs_is_the_whole_read(tmp_path, monkeypatch, case):
+    """A large NIfTI is read slab by slab (memory near one volume, not two): voxels, pixel type, geometry and header
+    fields are exactly what SimpleITK's whole read gives, for a slab count that does not divide the slices."""
+    import PRISMRTLib.imaging.io as io
+
+    dtype = np.float32 if case.startswith("float32") else np.int16
+    image = make_volume(DIRECTIONS["ras-stored" if case.startswith("ras") else "oblique"], size=(9, 7, 11),
+                        dtype=dtype)
+    path = tmp_path / case
+    if case.startswith("rescaled"):
+        sitk.WriteImage(image, str(tmp_path / "plain.nii"), False)
+        _rescaled_copy(tmp_path / "plain.nii", path, 0.5, -1024.0)
+    else:
+        sitk.WriteImage(image, str(path), case.endswith(".gz"))
+    whole = sitk.ReadImage(str(path))
+    executes = []
+    real_execute = sitk.ImageFileReader.Execute
+
+    def counted(self):
+        executes.append(self.GetExtractSize())
+        return real_execute(self)
+
+    monkeypatch.setattr(sitk.ImageFileReader, "Execute", counted)
+    monkeypatch.setattr(io, "_SLAB_READ_BYTES", 0)  # every volume is "large"
+    monkeypatch.setattr(io, "_SLABS", 4)  # 11 slices: slabs of 3, 3, 3 and 2
+    slabbed = read_image(path)
+    assert [size[2] for size in executes] == [3, 3, 3, 2]
+    assert slabbed.GetPixelID() == whole.GetPixelID()
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(slabbed), sitk.GetArrayViewFromImage(whole))
+    assert (slabbed.GetSize(), slabbed.GetOrigin(), slabbed.GetSpacing(), slabbed.GetDirection()) == (
+        whole.GetSize(), whole.GetOrigin(), whole.GetSpacing(), whole.GetDirection())
+    assert {k: slabbed.GetMetaData(k) for k in slabbed.GetMetaDataKeys()} == {
+        k: whole.GetMetaData(k) for k in whole.GetMetaDataKeys()}
+    if case.startswith("rescaled"):  # the slope and intercept were applied to every slab
+        np.testing.assert_allclose(sitk.GetArrayViewFromImage(slabbed),
+                                   sitk.GetArrayViewFromImage(image) * 0.5 - 1024.0)
+
+
+def test_small_nifti_is_read_whole(tmp_path, monkeypatch):
+    path = write_image(make_volume(DIRECTIONS["openkbp"], size=(6, 5, 4)), tmp_path / "small.nii.gz")
+    executes = []
+    real_execute = sitk.ImageFileReader.Execute
+    monkeypatch.setattr(sitk.ImageFileReader, "Execute",
+                        lambda self: executes.append(self.GetExtractSize()) or real_execute(self))
+    read_image(path)
+    assert len(executes) == 1
