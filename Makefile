@@ -12,7 +12,7 @@ SARCOMA := Testing/Data/sts_002
 env: $(STAMP)
 
 # Re-installs only when the dependency declarations change.
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml PRISMRTLib/requirements.txt constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --disable-pip-version-check -qq -c constraints.txt -e '.[report,test,slicer-test]'
 	touch $(STAMP)

@@ -61,6 +61,7 @@ def make_tiny_bundle(kind: str, folder: Path, seed: int = 0, words=None) -> dict
 
 # ---- an oracle segmentation backend ---------------------------------------------------------------------------------
 ORACLE_MODEL_SIZE = 128
+ECHO_RADIUS = 3.0  # model pixels: what a click adds or removes in OracleBackend(echo_mask=True)
 
 
 class _OraclePrompts:
@@ -72,13 +73,27 @@ class _OraclePrompts:
 
 
 class _OracleDecoder:
+    def __init__(self, echo_mask: bool = False):
+        self.echo_mask = echo_mask
+
     def __call__(self, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
                  multimask_output):
         import torch
 
-        points, boxes, _ = sparse_prompt_embeddings
+        points, boxes, masks = sparse_prompt_embeddings
         obj = image_embeddings[0, 0] > 0.5
         n = 3 if multimask_output else 1
+        if self.echo_mask and masks is not None:  # the mask input, edited by the clicks (disks of ECHO_RADIUS)
+            out = torch.nn.functional.interpolate(masks.float(), obj.shape, mode="nearest")[0, 0] > 0
+            if points is not None:
+                yy, xx = torch.meshgrid(torch.arange(obj.shape[0]), torch.arange(obj.shape[1]), indexing="ij")
+                for (x, y), label in zip(points[0][0].tolist(), points[1][0].tolist()):
+                    x, y = (x + 0.5) / ORACLE_MODEL_SIZE * obj.shape[-1] - 0.5, (y + 0.5) / ORACLE_MODEL_SIZE * \
+                        obj.shape[-1] - 0.5
+                    disk = (yy - y) ** 2 + (xx - x) ** 2 <= ECHO_RADIUS ** 2
+                    out = out | disk if label == 1 else out & ~disk
+            logits = torch.where(out, 10.0, -10.0)
+            return logits[None, None].expand(1, n, -1, -1), torch.full((1, n), 0.9)
         hit = points is None and boxes is None
         if points is not None:
             coords, labels = points
@@ -100,12 +115,13 @@ class _OracleDecoder:
         return logits[None, None].expand(1, n, -1, -1), iou
 
 
-def OracleBackend():
+def OracleBackend(echo_mask: bool = False):
     """A feature backend with SAM's interface and coordinate conventions whose "embedding" is the windowed slice
     letterboxed into a 128 px model grid and whose decoder returns the slice's bright object (window value > 0.5)
     when the first positive point falls on it, or a box holds part of it (a box alone: the part it holds). Learned
     weights play no part, so a test with it fails on geometry only: a flipped axis, swapped x/y, shifted letterbox
-    or wrong slice index."""
+    or wrong slice index. ``echo_mask``: given a mask input, the decoder returns it with a disk added at each positive
+    click and removed at each negative one (what the caller fed the model shows in the result)."""
     import torch
 
     from PRISMRTLib.features import FeatureBackend, SliceFeatures
@@ -114,7 +130,7 @@ def OracleBackend():
     class _Oracle(FeatureBackend):
         name = "oracle"
         prompt_encoder = _OraclePrompts()
-        mask_decoder = _OracleDecoder()
+        mask_decoder = _OracleDecoder(echo_mask)
 
         def __init__(self):
             self.device, self.half, self.batch_size, self.fallback_message = "cpu", False, 8, None

@@ -203,7 +203,11 @@ class SegmentationSession:
         if prompts.empty():
             mask, score, logits = np.zeros(self.plane.slice_shape, bool), 0.0, None
         else:
-            mask, score, logits = self._predict(index, prompts, self._logits.get(index) if prompts.points else None)
+            previous = self._logits.get(index) if prompts.points else None
+            if previous is None and prompts.points and self._source.get(index) == "edited":
+                drawn = self.plane.extract(self.mask, index).astype(bool)
+                previous = self._mask_prompt(index, drawn) if drawn.any() else None  # refine what the user drew
+            mask, score, logits = self._predict(index, prompts, previous)
         self.prompts[index] = prompts
         self._write(index, mask, logits, "clicks")
         self._commit(step)
@@ -221,7 +225,7 @@ class SegmentationSession:
         (PTV70 0.479)."""
         if self._source.get(index) == "clicks" and index in self.prompts:
             return self.prompts[index].copy()
-        if positive and self._source.get(index) == "propagated":
+        if positive and self._source.get(index) in ("propagated", "edited"):
             anchor = interior_point(self.plane.extract(self.mask, index).astype(bool))
             if anchor is not None:
                 return SlicePrompts([(float(anchor[0]), float(anchor[1]))], [1])
@@ -247,6 +251,32 @@ class SegmentationSession:
         prompts = self._user_prompts(ia)
         prompts.box = (min(ra, rb), min(ca, cb), max(ra, rb), max(ca, cb))
         return self._update_slice(ia, prompts, "box")
+
+    def _user_owned(self, index: int) -> bool:
+        """Slice ``index`` was drawn by the user (clicks, or edited by hand): propagation keeps it and stops there."""
+        return self._source.get(index) in ("clicks", "edited")
+
+    def adopt(self, mask: np.ndarray, name: str = "edits made by hand") -> list[int]:
+        """Make the user's own edits of the result theirs in the session: ``mask`` is the whole 3D mask on the
+        volume's grid ((k, j, i), non-zero inside), e.g. the segment as painted or erased in Slicer's Segment Editor.
+        Each slice where it differs from the session's mask takes it and counts as drawn by the user: its earlier
+        prompts are dropped, the next click there refines what the user drew (it is the click's mask input),
+        propagation keeps it and stops at it, and a slice erased by hand ends the structure. One undoable step.
+        Returns the slices changed (none: no step)."""
+        mask = np.asarray(mask)
+        if mask.shape != self.mask.shape:
+            raise GeometryError(f"the edited mask has shape {mask.shape}, not the volume's {self.mask.shape}: "
+                                "it must be on the delineated volume's grid")
+        differs = self.plane.stack_view((mask != 0) != (self.mask != 0))  # (slice, row, col)
+        changed = [int(i) for i in np.flatnonzero(differs.any(axis=(1, 2)))]
+        if not changed:
+            return []
+        step = _Step(name, {i: self._state(i) for i in changed})
+        for i in changed:
+            self._write(i, self.plane.extract(mask, i) != 0, None, "edited")
+            self.prompts.pop(i, None)
+        self._commit(step)
+        return changed
 
     def clear_slice(self, index: int) -> None:
         self._update_slice(self.plane.check_slice_index(index), SlicePrompts(), "clear slice")
@@ -313,7 +343,7 @@ class SegmentationSession:
         once it is written, and with the seed's again before the result is committed; an exception it raises cancels
         the propagation and leaves the session as it was. Returns the 3D mask.
         """
-        seeds = [i for i, s in self._source.items() if s == "clicks" and self.plane.extract(self.mask, i).any()]
+        seeds = [i for i in self._source if self._user_owned(i) and self.plane.extract(self.mask, i).any()]
         if from_index is None:
             if not seeds:
                 raise PrismRTError("nothing to propagate: click on the structure in one slice first")
@@ -337,7 +367,7 @@ class SegmentationSession:
                 previous, index, done, erased = seed_mask, from_index + direction, 0, None
                 stops[direction] = "at the end of the volume"
                 while 0 <= index < self.plane.num_slices and done < limit:
-                    if self._source.get(index) == "clicks":
+                    if self._user_owned(index):
                         # a drawn slice is the user's and so is what was propagated beyond it; an erased one ends the
                         # structure there
                         erased = None if self.plane.extract(self.mask, index).any() else index
@@ -432,6 +462,6 @@ class SegmentationSession:
 
     def result(self) -> sitk.Image:
         """The 3D mask as a uint8 image on the volume's grid (same size, spacing, origin, direction)."""
-        out = sitk.GetImageFromArray(self.mask.copy())
+        out = sitk.GetImageFromArray(self.mask)  # copies the array (a .copy() first would cost another volume)
         out.CopyInformation(self.image)
         return out

@@ -1,24 +1,28 @@
-"""Fixtures for testing the Slicer module (PRISMRT/PRISMRT.py) without the Slicer application.
+"""Fixtures for testing the Slicer module without the Slicer application.
 
-The module's logic runs against slicer-core (the MRML library of Slicer, without Qt); its .ui is loaded by PySide6.
+The module's own code (``PRISMRT/PRISMRTModule``, MRML only) runs against slicer-core (the MRML library of Slicer,
+without Qt); its .ui files are loaded by PySide6. ``PRISMRT/PRISMRT.py`` itself (module, widget, self-test) needs
+the application; ``test_module_logic`` loads it once with stand-ins for Slicer's GUI base classes.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-MODULE_FILE = REPO / "PRISMRT" / "PRISMRT.py"
-UI_FILE = REPO / "PRISMRT" / "Resources" / "UI" / "PRISMRT.ui"
+MODULE_DIR = REPO / "PRISMRT"
+MODULE_FILE = MODULE_DIR / "PRISMRT.py"
+UI_DIR = MODULE_DIR / "Resources" / "UI"
+UI_FILE = UI_DIR / "PRISMRT.ui"
 SCREENSHOT_DIR = Path(__file__).resolve().parent / "screenshots"
 
-# PRISMRTLib from the source tree (PRISMRT.py finds it on its own; the tests import it directly too).
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+# PRISMRTLib from the source tree, and the module's package as Slicer puts it on the path (next to PRISMRT.py).
+for path in (REPO, MODULE_DIR):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 
 def import_slicer_core():
@@ -26,21 +30,6 @@ def import_slicer_core():
     from prismrt_testing import slicer_core_or_skip
 
     return slicer_core_or_skip()
-
-
-@pytest.fixture(scope="session")
-def prismrt_module():
-    """PRISMRT/PRISMRT.py loaded as a module named PRISMRT (not added to sys.modules)."""
-    import_slicer_core()
-    spec = importlib.util.spec_from_file_location("PRISMRT", MODULE_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture
-def logic(prismrt_module):
-    return prismrt_module.PRISMRTLogic()
 
 
 @pytest.fixture

@@ -20,6 +20,8 @@ from vtk.util import numpy_support  # noqa: E402
 
 from PRISMRTLib.errors import GeometryError, PrismRTError  # noqa: E402
 from PRISMRTLib.segmentation import interior_point  # noqa: E402
+from PRISMRTModule import conversions  # noqa: E402
+from PRISMRTModule.delineation import GTV_TERMINOLOGY, DelineationLogic  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -28,18 +30,22 @@ def phantom():
 
 
 @pytest.fixture
+def logic():
+    return DelineationLogic()
+
+
+@pytest.fixture
 def delineation(phantom, scene, logic):
-    """A volume node of the phantom, a delineation started on it, and a click point on the target's largest axial
-    slice: (k, RAS point of its most interior voxel from the node's own IJKToRAS)."""
+    """A volume node of the phantom, a delineation started on it into a new segmentation node, and a click point on
+    the target's largest axial slice: (volume, segmentation node, k, RAS point of its most interior voxel)."""
     image, ptv = phantom
-    volume = logic.imageToVolumeNode(image, name="CT", scene=scene)
-    logic.startDelineation(volume, backend=OracleBackend(), window="soft-tissue")
+    volume = conversions.imageToVolumeNode(image, name="CT", scene=scene)
+    segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "PRISM-RT")
+    logic.start(volume, segmentation_node, "GTV", backend=OracleBackend(), window="soft-tissue")
     k = int(np.argmax(ptv.sum(axis=(1, 2))))
     j, i = interior_point(ptv[k])
-    m = vtk.vtkMatrix4x4()
-    volume.GetIJKToRASMatrix(m)
-    ras = np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)]) @ np.array([i, j, k, 1.0])
-    return volume, k, ras[:3]
+    ras = _ijk_to_ras(volume) @ np.array([i, j, k, 1.0])
+    return volume, segmentation_node, k, ras[:3]
 
 
 def _segment_array(segmentation_node, segment_id, shape_kji, ijk_to_ras) -> np.ndarray:
@@ -69,122 +75,129 @@ def _dice(a, b):
 
 def test_a_ras_click_gives_the_target_slice_as_a_segment_on_the_volume_grid(phantom, delineation, scene, logic):
     _, ptv = phantom
-    volume, k, ras = delineation
+    volume, segmentation_node, k, ras = delineation
     clicks = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "clicks")  # where a click in a slice view goes
     clicks.AddControlPoint(vtk.vtkVector3d(*ras))
-    result = logic.addDelineationPoint(clicks.GetNthControlPointPosition(0), positive=True)
+    result = logic.addPoint(clicks.GetNthControlPointPosition(0), positive=True)
     assert result.index == k and result.mask.any()
-    segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "PRISM-RT")
-    segment_id = logic.delineationToSegment(segmentation_node, "GTV")
-    assert segmentation_node.GetSegmentation().GetSegment(segment_id).GetName() == "GTV"
+    segment_id = logic.writeSegment("positive click")
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+    assert segment.GetName() == "GTV"
     assert segmentation_node.GetNodeReferenceID(segmentation_node.GetReferenceImageGeometryReferenceRole()) == \
         volume.GetID()
-    segment = _segment_array(segmentation_node, segment_id, ptv.shape, _ijk_to_ras(volume))
-    np.testing.assert_array_equal(segment, logic.delineation.mask.astype(bool))
-    assert _dice(segment[k], ptv[k]) > 0.97
-    assert not np.delete(segment, k, axis=0).any()
+    mask = _segment_array(segmentation_node, segment_id, ptv.shape, _ijk_to_ras(volume))
+    np.testing.assert_array_equal(mask, logic.session.mask.astype(bool))
+    assert _dice(mask[k], ptv[k]) > 0.97
+    assert not np.delete(mask, k, axis=0).any()
+    # the segment says what it is: SNOMED CT "Gross tumor volume", and its colour
+    tag = vtk.reference("")
+    assert segment.GetTag(segment.GetTerminologyEntryTagName(), tag) and str(tag) == GTV_TERMINOLOGY
+    assert "SCT^228791009^Gross Tumor Volume" in str(tag)
 
 
 def test_propagation_and_undo_replace_the_segment_in_place(phantom, delineation, scene, logic):
     _, ptv = phantom
-    volume, k, ras = delineation
-    logic.addDelineationPoint(ras)
-    segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "PRISM-RT")
-    segment_id = logic.delineationToSegment(segmentation_node, "GTV")
+    volume, segmentation_node, k, ras = delineation
+    logic.addPoint(ras)
+    segment_id = logic.writeSegment("positive click")
     segmentation = segmentation_node.GetSegmentation()
     color = segmentation.GetSegment(segment_id).GetColor()
     other = segmentation.AddEmptySegment("", "Parotid")  # the user's own segment, after ours
     segmentation_node.CreateDefaultDisplayNodes()
     segmentation_node.GetDisplayNode().SetSegmentOpacity3D(segment_id, 0.4)
-    logic.propagateDelineation(min_area_mm2=1.0, min_overlap=0.0, cross_views=False)
-    assert logic.delineationToSegment(segmentation_node, "GTV") == segment_id
+    logic.propagate(min_area_mm2=1.0, min_overlap=0.0, cross_views=False)
+    assert logic.writeSegment("propagate") == segment_id
     # updated in place: same place in the list, colour and display settings; the other segment untouched
     assert [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())] == [segment_id, other]
     assert segmentation.GetSegment(segment_id).GetColor() == color
     assert segmentation_node.GetDisplayNode().GetSegmentOpacity3D(segment_id) == pytest.approx(0.4)
     grid = _ijk_to_ras(volume)
     assert _dice(_segment_array(segmentation_node, segment_id, ptv.shape, grid), ptv) > 0.95
-    assert logic.undoDelineation() == "propagate"
-    logic.delineationToSegment(segmentation_node, "GTV")
+    assert logic.undo() == "propagate"
     one_slice = _segment_array(segmentation_node, segment_id, ptv.shape, grid)
     assert np.flatnonzero(one_slice.any(axis=(1, 2))).tolist() == [k]
-    assert logic.redoDelineation() == "propagate"
+    np.testing.assert_array_equal(logic.session.mask.astype(bool), one_slice)
+    assert logic.redo() == "propagate"
+    assert _dice(_segment_array(segmentation_node, segment_id, ptv.shape, grid), ptv) > 0.95
+    assert logic.undo() == "propagate" and logic.undo() == "positive click"
+    assert segmentation.GetSegment(segment_id) is None  # there was no GTV before the first click
+    assert segmentation.GetSegment(other) is not None
 
 
-def test_clear_errors_without_a_delineation_and_outside_the_volume(delineation, logic, prismrt_module):
-    volume, k, ras = delineation
+def test_clear_errors_without_a_delineation_and_outside_the_volume(delineation, logic):
+    volume, segmentation_node, k, ras = delineation
     with pytest.raises(GeometryError, match="outside the volume"):
-        logic.addDelineationPoint(ras + np.array([0.0, 0.0, 1000.0]))
-    fresh = prismrt_module.PRISMRTLogic()
+        logic.addPoint(ras + np.array([0.0, 0.0, 1000.0]))
+    fresh = DelineationLogic()
     with pytest.raises(PrismRTError, match="start a delineation first"):
-        fresh.addDelineationPoint(ras)
+        fresh.addPoint(ras)
     with pytest.raises(PrismRTError, match="start a delineation first"):
-        fresh.propagateDelineation()
+        fresh.propagate()
 
 
 def test_a_transformed_volume_is_refused_with_what_to_do(phantom, scene, logic):
     image, _ = phantom
-    volume = logic.imageToVolumeNode(image, name="CT", scene=scene)
+    volume = conversions.imageToVolumeNode(image, name="CT", scene=scene)
     transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "shift")
     volume.SetAndObserveTransformNodeID(transform.GetID())
+    segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "PRISM-RT")
     with pytest.raises(PrismRTError, match="under a transform: harden it"):
-        logic.startDelineation(volume, backend=OracleBackend())
-    assert logic.delineation is None
+        logic.start(volume, segmentation_node, backend=OracleBackend())
+    assert logic.session is None
 
 
-def test_idle_prefetch_computes_the_viewed_slice_and_its_neighbours_one_at_a_time(delineation, logic, prismrt_module):
-    volume, k, ras = delineation
-    backend = logic.delineation.backend
+def test_idle_prefetch_computes_the_viewed_slice_and_its_neighbours_one_at_a_time(delineation, logic):
+    volume, segmentation_node, k, ras = delineation
+    backend = logic.session.backend
     computed = []
-    while (index := logic.prefetchDelineation(ras, radius=2)) is not None:
+    while (index := logic.prefetch(ras, radius=2)) is not None:
         computed.append(index)
-        assert backend.calls == len(computed)  # one slice per call: the panel's timer stays between slices
+        assert backend.calls == len(computed)  # one slice per call: a cancelled prefetch stops between slices
     assert computed == [k, k - 1, k + 1, k - 2, k + 2]  # the RAS point's slice first, then nearest first
-    logic.addDelineationPoint(ras)
+    logic.addPoint(ras)
     assert backend.calls == 5  # the click ran the decoder only
     # outside the volume, or with no delineation: nothing to do, and no error (it is only ever ahead of time)
-    assert logic.prefetchDelineation(ras + np.array([0.0, 0.0, 1000.0])) is None
-    assert prismrt_module.PRISMRTLogic().prefetchDelineation(ras) is None
+    assert logic.prefetch(ras + np.array([0.0, 0.0, 1000.0])) is None
+    assert DelineationLogic().prefetch(ras) is None
 
 
-def test_the_viewed_slice_is_found_from_the_slice_view_plane(phantom, delineation, logic, prismrt_module):
+def test_the_viewed_slice_is_found_from_the_slice_view_plane(phantom, delineation, logic):
     """The panel prefetches around the slice an axial view shows: the CT's centre projected onto the view's plane
     (its SliceToRAS), whatever the view's in-plane origin, lies in that slice; a plane outside the CT gives none."""
-    volume, k, ras = delineation
+    volume, segmentation_node, k, ras = delineation
     bounds = [0.0] * 6
     volume.GetRASBounds(bounds)
     centre = np.array(bounds).reshape(3, 2).mean(axis=1)
     slice_to_ras = vtk.vtkMatrix4x4()  # an axial view (normal S) showing the plane through the click, panned aside
     for row, value in enumerate((ras[0] + 250.0, ras[1] - 90.0, ras[2])):
         slice_to_ras.SetElement(row, 3, value)
-    point = prismrt_module.projectOntoSlicePlane(slice_to_ras, centre)
+    point = conversions.projectOntoSlicePlane(slice_to_ras, centre)
     np.testing.assert_allclose(point, [centre[0], centre[1], ras[2]])
-    assert logic.delineationSliceIndex(point) == k and logic.delineationSliceIndex(ras) == k
+    assert logic.sliceIndex(point) == k and logic.sliceIndex(ras) == k
     tilted = vtk.vtkMatrix4x4()  # a plane tilted about R: its normal (column 2) is (0, -sin, cos)
     angle = np.radians(20.0)
     for row, value in enumerate((0.0, -np.sin(angle), np.cos(angle))):
         tilted.SetElement(row, 2, value)
     for row, value in enumerate(ras):
         tilted.SetElement(row, 3, value)
-    projected = prismrt_module.projectOntoSlicePlane(tilted, centre)
+    projected = conversions.projectOntoSlicePlane(tilted, centre)
     assert abs(np.dot(projected - ras, [0.0, -np.sin(angle), np.cos(angle)])) < 1e-9  # on the plane
-    below = prismrt_module.projectOntoSlicePlane(slice_to_ras, centre) - np.array([0.0, 0.0, 1000.0])
-    assert logic.delineationSliceIndex(below) is None
+    below = conversions.projectOntoSlicePlane(slice_to_ras, centre) - np.array([0.0, 0.0, 1000.0])
+    assert logic.sliceIndex(below) is None
 
 
 def test_a_box_from_two_ras_corners_gives_the_slice_mask(phantom, delineation, logic):
     """The panel's Box mode: two clicks at opposite corners (RAS, as markups give them) of the target's bounding box on
     one slice; corners on two slices are refused with what to do."""
     _, ptv = phantom
-    volume, k, _ = delineation
+    volume, segmentation_node, k, _ = delineation
     m = _ijk_to_ras(volume)
     j, i = np.nonzero(ptv[k])
     corner_a = (m @ np.array([i.max() + 1, j.min() - 1, k, 1.0]))[:3]  # the box's corners in two different orders
     corner_b = (m @ np.array([i.min() - 1, j.max() + 1, k, 1.0]))[:3]
-    result = logic.setDelineationBox(corner_a, corner_b)
+    result = logic.setBox(corner_a, corner_b)
     assert result.index == k
-    mask = logic.delineation.mask.astype(bool)
+    mask = logic.session.mask.astype(bool)
     assert _dice(mask[k], ptv[k]) > 0.97 and not np.delete(mask, k, axis=0).any()
-    assert logic.undoDelineation() == "box" and not logic.delineation.mask.any()
     with pytest.raises(GeometryError, match="different axial slices"):
-        logic.setDelineationBox(corner_a, (m @ np.array([i.min() - 1, j.max() + 1, k + 2, 1.0]))[:3])
+        logic.setBox(corner_a, (m @ np.array([i.min() - 1, j.max() + 1, k + 2, 1.0]))[:3])

@@ -24,6 +24,8 @@ from vtk.util import numpy_support  # noqa: E402
 from PRISMRTLib.errors import InvalidImageError, PrismRTError  # noqa: E402
 from PRISMRTLib.imaging import WINDOW_PRESETS  # noqa: E402
 from prismrt_testing import REPO, SAMPLE_DIR, SHARED_DATA, rotation  # noqa: E402
+from PRISMRTModule import conversions, dependencies, volumes  # noqa: E402
+from PRISMRTModule.parameters import PRISMRTParameters  # noqa: E402
 
 MODULE_FILE = REPO / "PRISMRT" / "PRISMRT.py"
 FLIP = np.diag([-1.0, -1.0, 1.0])  # LPS <-> RAS
@@ -98,11 +100,11 @@ def ramp(size, dtype=np.int16) -> np.ndarray:
 
 
 @pytest.mark.parametrize("case", sorted(IJK_TO_RAS))
-def test_voxel_index_maps_to_lps_point_of_ijk_to_ras(case, scene, logic):
+def test_voxel_index_maps_to_lps_point_of_ijk_to_ras(case, scene):
     matrix = IJK_TO_RAS[case]
     node = make_node(scene, ramp(SIZE), matrix)
 
-    image = logic.volumeNodeToImage(node)
+    image = conversions.volumeNodeToImage(node)
 
     assert image.GetDimension() == 3
     assert image.GetSize() == SIZE
@@ -116,24 +118,24 @@ def test_voxel_index_maps_to_lps_point_of_ijk_to_ras(case, scene, logic):
 
 
 @pytest.mark.parametrize("case", sorted(IJK_TO_RAS))
-def test_voxel_values_and_pixel_type_are_kept(case, scene, logic):
+def test_voxel_values_and_pixel_type_are_kept(case, scene):
     values = ramp(SIZE)
     node = make_node(scene, values, IJK_TO_RAS[case])
 
-    image = logic.volumeNodeToImage(node)
+    image = conversions.volumeNodeToImage(node)
 
     assert image.GetPixelID() == sitk.sitkInt16
     np.testing.assert_array_equal(sitk.GetArrayFromImage(image), values)
 
 
-def test_marked_voxel_keeps_its_value_and_position(scene, logic):
+def test_marked_voxel_keeps_its_value_and_position(scene):
     matrix = IJK_TO_RAS["oblique"]
     values = np.zeros(SIZE[::-1], dtype=np.float32)
     marked = (5, 1, 2)  # (i, j, k)
     values[marked[2], marked[1], marked[0]] = 1234.5
     node = make_node(scene, values, matrix)
 
-    image = logic.volumeNodeToImage(node)
+    image = conversions.volumeNodeToImage(node)
 
     assert image.GetPixel(marked) == pytest.approx(1234.5)
     assert image.GetPixelID() == sitk.sitkFloat32
@@ -144,11 +146,11 @@ def test_marked_voxel_keeps_its_value_and_position(scene, logic):
     assert image.TransformPhysicalPointToIndex(point.tolist()) == marked
 
 
-def test_extent_not_starting_at_zero_shifts_the_origin(scene, logic):
+def test_extent_not_starting_at_zero_shifts_the_origin(scene):
     matrix = IJK_TO_RAS["openkbp"]
     node = make_node(scene, ramp(SIZE), matrix, extent_start=(2, 1, 4))
 
-    image = logic.volumeNodeToImage(node)
+    image = conversions.volumeNodeToImage(node)
 
     # array index (0, 0, 0) is the voxel with IJK (2, 1, 4)
     np.testing.assert_allclose(image.TransformIndexToPhysicalPoint((0, 0, 0)), expected_lps(matrix, (2, 1, 4)),
@@ -157,7 +159,7 @@ def test_extent_not_starting_at_zero_shifts_the_origin(scene, logic):
                                atol=1e-9)
 
 
-def test_multi_component_volume_is_refused_with_a_message(scene, logic):
+def test_multi_component_volume_is_refused_with_a_message(scene):
     rgb = np.zeros((3, 5, 7, 3), dtype=np.uint8)
     image_data = vtk.vtkImageData()
     image_data.SetDimensions(7, 5, 3)
@@ -166,23 +168,23 @@ def test_multi_component_volume_is_refused_with_a_message(scene, logic):
     node.SetAndObserveImageData(image_data)
 
     with pytest.raises(InvalidImageError, match="3 values per voxel"):
-        logic.volumeNodeToImage(node)
+        conversions.volumeNodeToImage(node)
 
 
-def test_node_without_voxels_is_refused_with_a_message(scene, logic):
+def test_node_without_voxels_is_refused_with_a_message(scene):
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
     with pytest.raises(InvalidImageError, match="no voxels"):
-        logic.volumeNodeToImage(node)
+        conversions.volumeNodeToImage(node)
     with pytest.raises(InvalidImageError, match="no volume is selected"):
-        logic.volumeNodeToImage(None)
+        conversions.volumeNodeToImage(None)
 
 
-def test_zero_spacing_is_refused_with_a_message(scene, logic):
+def test_zero_spacing_is_refused_with_a_message(scene):
     matrix = IJK_TO_RAS["openkbp"].copy()
     matrix[:3, 2] = 0.0
     node = make_node(scene, ramp(SIZE), matrix)
     with pytest.raises(InvalidImageError, match="spacing"):
-        logic.volumeNodeToImage(node)
+        conversions.volumeNodeToImage(node)
 
 
 # --- SimpleITK image -> volume node, and round trips -----------------------------------------------------------
@@ -200,10 +202,10 @@ LPS_DIRECTIONS = {case: FLIP @ (m[:3, :3] / np.linalg.norm(m[:3, :3], axis=0)) f
 
 
 @pytest.mark.parametrize("case", sorted(LPS_DIRECTIONS))
-def test_image_to_node_sets_ijk_to_ras_from_lps_geometry(case, scene, logic):
+def test_image_to_node_sets_ijk_to_ras_from_lps_geometry(case, scene):
     image = lps_image(LPS_DIRECTIONS[case])
 
-    node = logic.imageToVolumeNode(image, "mask", scene=scene)
+    node = conversions.imageToVolumeNode(image, "mask", scene=scene)
 
     matrix = node_ijk_to_ras(node)
     for index in sample_indices(SIZE):
@@ -216,10 +218,10 @@ def test_image_to_node_sets_ijk_to_ras_from_lps_geometry(case, scene, logic):
 
 @pytest.mark.parametrize("dtype", [np.int16, np.uint8, np.int32, np.float32, np.float64])
 @pytest.mark.parametrize("case", sorted(LPS_DIRECTIONS))
-def test_round_trip_image_node_image_is_exact(case, dtype, scene, logic):
+def test_round_trip_image_node_image_is_exact(case, dtype, scene):
     image = lps_image(LPS_DIRECTIONS[case], dtype=dtype)
 
-    back = logic.volumeNodeToImage(logic.imageToVolumeNode(image, "ct", scene=scene))
+    back = conversions.volumeNodeToImage(conversions.imageToVolumeNode(image, "ct", scene=scene))
 
     assert back.GetPixelID() == image.GetPixelID()
     assert back.GetSize() == image.GetSize()
@@ -230,49 +232,49 @@ def test_round_trip_image_node_image_is_exact(case, dtype, scene, logic):
 
 
 @pytest.mark.parametrize("case", sorted(IJK_TO_RAS))
-def test_round_trip_node_image_node_keeps_ijk_to_ras(case, scene, logic):
+def test_round_trip_node_image_node_keeps_ijk_to_ras(case, scene):
     node = make_node(scene, ramp(SIZE), IJK_TO_RAS[case])
 
-    again = logic.imageToVolumeNode(logic.volumeNodeToImage(node), "again", scene=scene)
+    again = conversions.imageToVolumeNode(conversions.volumeNodeToImage(node), "again", scene=scene)
 
     np.testing.assert_allclose(node_ijk_to_ras(again), IJK_TO_RAS[case], rtol=0, atol=1e-12)
     np.testing.assert_array_equal(numpy_support.vtk_to_numpy(again.GetImageData().GetPointData().GetScalars()),
                                   ramp(SIZE).ravel())
 
 
-def test_image_to_existing_node_replaces_voxels_and_keeps_display(scene, logic):
+def test_image_to_existing_node_replaces_voxels_and_keeps_display(scene):
     node = make_node(scene, ramp(SIZE), IJK_TO_RAS["openkbp"])
     node.CreateDefaultDisplayNodes()
     display = node.GetDisplayNode()
-    logic.applyWindowPreset(node, "lung")
+    volumes.applyWindowPreset(node, "lung")
     new = lps_image(LPS_DIRECTIONS["oblique"], dtype=np.float32, size=(4, 6, 2), spacing=(1.0, 2.0, 3.0))
 
-    returned = logic.imageToVolumeNode(new, volumeNode=node)
+    returned = conversions.imageToVolumeNode(new, volumeNode=node)
 
     assert returned is node
     assert node.GetDisplayNode() is display
     assert display.GetWindow() == pytest.approx(WINDOW_PRESETS["lung"].width)
     assert node.GetImageData().GetDimensions() == (4, 6, 2)
-    back = logic.volumeNodeToImage(node)
+    back = conversions.volumeNodeToImage(node)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(new))
     np.testing.assert_allclose(back.GetDirection(), new.GetDirection(), atol=1e-12)
 
 
-def test_image_to_label_map_node(scene, logic):
+def test_image_to_label_map_node(scene):
     mask = sitk.Cast(lps_image(LPS_DIRECTIONS["openkbp"]) > 30, sitk.sitkUInt8)
 
-    node = logic.imageToVolumeNode(mask, "GTV mask", scene=scene, className="vtkMRMLLabelMapVolumeNode")
+    node = conversions.imageToVolumeNode(mask, "GTV mask", scene=scene, className="vtkMRMLLabelMapVolumeNode")
 
     assert node.IsA("vtkMRMLLabelMapVolumeNode")
-    np.testing.assert_array_equal(sitk.GetArrayFromImage(logic.volumeNodeToImage(node)),
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(conversions.volumeNodeToImage(node)),
                                   sitk.GetArrayFromImage(mask))
 
 
-def test_image_to_node_refuses_2d_and_vector_images(scene, logic):
+def test_image_to_node_refuses_2d_and_vector_images(scene):
     with pytest.raises(InvalidImageError, match="3D single-component"):
-        logic.imageToVolumeNode(sitk.Image(4, 4, sitk.sitkInt16), scene=scene)
+        conversions.imageToVolumeNode(sitk.Image(4, 4, sitk.sitkInt16), scene=scene)
     with pytest.raises(InvalidImageError, match="3D single-component"):
-        logic.imageToVolumeNode(sitk.Image([4, 4, 4], sitk.sitkVectorFloat32, 3), scene=scene)
+        conversions.imageToVolumeNode(sitk.Image([4, 4, 4], sitk.sitkVectorFloat32, 3), scene=scene)
 
 
 # --- real CT: Slicer's own NIfTI reader (in slicer-core) against SimpleITK's ------------------------------------
@@ -288,14 +290,14 @@ def ct_files():
 
 
 @pytest.mark.parametrize("path", ct_files())
-def test_real_ct_read_by_slicer_converts_to_the_simpleitk_reading(path, scene, logic):
+def test_real_ct_read_by_slicer_converts_to_the_simpleitk_reading(path, scene):
     storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
     storage.SetFileName(str(path))
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct")
     assert storage.ReadData(node), f"Slicer's reader could not read {path}"
     reference = sitk.ReadImage(str(path))
 
-    converted = logic.volumeNodeToImage(node)
+    converted = conversions.volumeNodeToImage(node)
 
     # Slicer may store the slices in another order (it keeps IJKToRAS right-handed); the voxels must still sit at
     # the same LPS points with the same values: resampling onto SimpleITK's grid is then an exact copy.
@@ -312,11 +314,11 @@ def test_real_ct_read_by_slicer_converts_to_the_simpleitk_reading(path, scene, l
 
 
 @pytest.mark.parametrize("path", ct_files())
-def test_real_ct_image_to_node_and_back(path, scene, logic):
+def test_real_ct_image_to_node_and_back(path, scene):
     image = sitk.ReadImage(str(path))
 
-    node = logic.imageToVolumeNode(image, "ct", scene=scene)
-    back = logic.volumeNodeToImage(node)
+    node = conversions.imageToVolumeNode(image, "ct", scene=scene)
+    back = conversions.volumeNodeToImage(node)
 
     np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(image))
     np.testing.assert_allclose(back.GetOrigin(), image.GetOrigin(), atol=1e-9)
@@ -332,11 +334,11 @@ def test_real_ct_image_to_node_and_back(path, scene, logic):
 # --- volume check -----------------------------------------------------------------------------------------------
 
 
-def test_check_volume_summarises_a_real_ct(scene, logic):
+def test_check_volume_summarises_a_real_ct(scene):
     image = sitk.ReadImage(str(SAMPLE_CT))
-    node = logic.imageToVolumeNode(image, "ct", scene=scene)
+    node = conversions.imageToVolumeNode(image, "ct", scene=scene)
 
-    text = logic.checkVolume(node)
+    text = volumes.checkVolume(node)
 
     assert isinstance(text, str)
     size = image.GetSize()
@@ -357,11 +359,11 @@ def bad_volume(kind):
 
 
 @pytest.mark.parametrize("kind, message", [("constant", "constant"), ("nan", "NaN"), ("single-slice", "single slice")])
-def test_check_volume_raises_clear_errors_for_bad_volumes(kind, message, scene, logic):
+def test_check_volume_raises_clear_errors_for_bad_volumes(kind, message, scene):
     node = make_node(scene, bad_volume(kind), IJK_TO_RAS["openkbp"])
 
     with pytest.raises(PrismRTError, match=message) as excinfo:
-        logic.checkVolume(node)
+        volumes.checkVolume(node)
     assert len(str(excinfo.value)) > 20
 
 
@@ -369,61 +371,81 @@ def test_check_volume_raises_clear_errors_for_bad_volumes(kind, message, scene, 
 
 
 @pytest.mark.parametrize("preset", sorted(WINDOW_PRESETS))
-def test_window_preset_sets_window_and_level(preset, scene, logic):
+def test_window_preset_sets_window_and_level(preset, scene):
     node = make_node(scene, ramp(SIZE), IJK_TO_RAS["openkbp"])
     node.CreateDefaultDisplayNodes()
     display = node.GetDisplayNode()
     display.AutoWindowLevelOn()
 
-    logic.applyWindowPreset(node, preset)
+    volumes.applyWindowPreset(node, preset)
 
     assert not display.GetAutoWindowLevel()
     assert display.GetWindow() == pytest.approx(WINDOW_PRESETS[preset].width)
     assert display.GetLevel() == pytest.approx(WINDOW_PRESETS[preset].level)
 
 
-def test_window_preset_creates_the_display_node_when_missing(scene, logic):
+def test_window_preset_creates_the_display_node_when_missing(scene):
     node = make_node(scene, ramp(SIZE), IJK_TO_RAS["openkbp"])
     assert node.GetDisplayNode() is None
 
-    logic.applyWindowPreset(node, "bone")
+    volumes.applyWindowPreset(node, "bone")
 
     assert node.GetDisplayNode().GetWindow() == pytest.approx(WINDOW_PRESETS["bone"].width)
 
 
-def test_window_preset_errors(scene, logic):
+def test_window_preset_errors(scene):
     node = make_node(scene, ramp(SIZE), IJK_TO_RAS["openkbp"])
     with pytest.raises(ValueError, match="soft-tissue"):  # lists the valid names
-        logic.applyWindowPreset(node, "no-such-preset")
-    label = logic.imageToVolumeNode(lps_image(np.eye(3), dtype=np.uint8), "labels", scene=scene,
+        volumes.applyWindowPreset(node, "no-such-preset")
+    label = conversions.imageToVolumeNode(lps_image(np.eye(3), dtype=np.uint8), "labels", scene=scene,
                                     className="vtkMRMLLabelMapVolumeNode")
     with pytest.raises(ValueError, match="label map"):
-        logic.applyWindowPreset(label, "lung")
+        volumes.applyWindowPreset(label, "lung")
 
 
-def test_preset_names_and_default_come_from_prismrtlib(prismrt_module, logic):
-    assert logic.windowPresetNames() == list(WINDOW_PRESETS)
-    assert prismrt_module.PRISMRTParameterNode.windowPreset in WINDOW_PRESETS
+def test_preset_names_and_default_come_from_prismrtlib():
+    assert volumes.windowPresetNames() == list(WINDOW_PRESETS)
+    assert PRISMRTParameters.STRINGS["windowPreset"] in WINDOW_PRESETS
 
 
 # --- loading the module -----------------------------------------------------------------------------------------
 
 
+# Stand-ins for what only the application has (Slicer's GUI base classes and translation): enough to load PRISMRT.py
+# and see what it imports; the classes are not used.
+_APPLICATION_STANDINS = """
+import sys, types
+def _module(name, **attributes):
+    module = types.ModuleType(name)
+    module.__dict__.update(attributes)
+    sys.modules[name] = module
+    return module
+class _Base:
+    def __init__(self, *args, **kwargs):
+        pass
+_module("slicer.ScriptedLoadableModule", ScriptedLoadableModule=_Base, ScriptedLoadableModuleWidget=_Base,
+        ScriptedLoadableModuleLogic=_Base, ScriptedLoadableModuleTest=_Base)
+_module("slicer.i18n", tr=lambda text: text, translate=lambda context, text: text)
+"""
+
+
 def test_loading_the_module_imports_no_heavy_or_optional_dependency():
     code = (
-        "import importlib.util, sys\n"
+        _APPLICATION_STANDINS
+        + f"sys.path[:0] = [{str(REPO / 'PRISMRT')!r}]\n"
+        + "import importlib.util\n"
         f"spec = importlib.util.spec_from_file_location('PRISMRT', {str(MODULE_FILE)!r})\n"
         "module = importlib.util.module_from_spec(spec)\n"
         "spec.loader.exec_module(module)\n"
         "assert hasattr(module, 'PRISMRTLogic') and hasattr(module, 'PRISMRTWidget')\n"
-        "print(sorted(m for m in ('torch', 'SimpleITK', 'PRISMRTLib', 'pydicom', 'requests') if m in sys.modules))\n"
+        "print(sorted(m for m in ('torch', 'SimpleITK', 'PRISMRTLib', 'pydicom', 'requests', 'qt') if m in sys.modules))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(REPO.parent))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
-def test_missing_python_packages(prismrt_module, monkeypatch):
-    monkeypatch.setattr(prismrt_module, "PYTHON_REQUIREMENTS",
+def test_missing_python_packages(monkeypatch):
+    monkeypatch.setattr(dependencies, "PYTHON_REQUIREMENTS",
                         (("json", "json"), ("prismrt_no_such_module_xyz", "prismrt-no-such-package>=1")))
-    assert prismrt_module.missingPythonPackages() == ["prismrt-no-such-package>=1"]
+    assert dependencies.missingPythonPackages() == ["prismrt-no-such-package>=1"]

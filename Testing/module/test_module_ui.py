@@ -1,4 +1,5 @@
-"""The module's Qt Designer file (PRISMRT/Resources/UI/PRISMRT.ui), loaded offscreen by PySide6.
+"""The module's Qt Designer files, loaded offscreen by PySide6: the panel (PRISMRT/Resources/UI/PRISMRT.ui) and one
+per task section (PRISMRTDelineation.ui).
 
 Slicer's loader knows the CTK and MRML widgets (ctkCollapsibleButton, qMRMLNodeComboBox, qMRMLWidget); PySide6's
 does not, so small stand-ins with the same class names and properties are registered. With PRISMRT_SCREENSHOTS=1 the
@@ -7,7 +8,6 @@ panel is also rendered to docs/images/ (stand-ins drawn as plain Qt widgets).
 
 from __future__ import annotations
 
-import ast
 import os
 import re
 import xml.etree.ElementTree as ET
@@ -25,26 +25,43 @@ QtUiTools = pytest.importorskip("PySide6.QtUiTools", reason="PySide6 has no QtUi
 Property, Signal, Slot = QtCore.Property, QtCore.Signal, QtCore.Slot
 
 REPO = Path(__file__).resolve().parents[2]
-UI_FILE = REPO / "PRISMRT" / "Resources" / "UI" / "PRISMRT.ui"
-MODULE_FILE = REPO / "PRISMRT" / "PRISMRT.py"
+UI_DIR = REPO / "PRISMRT" / "Resources" / "UI"
+MODULE_DIR = REPO / "PRISMRT"
 SCREENSHOT_DIR = Path(__file__).resolve().parents[2] / "docs" / "images"
 
-# The names PRISMRT.py uses (self.ui.<name>) and their Qt classes.
-EXPECTED_WIDGETS = {
-    "inputSelector": "qMRMLNodeComboBox",
-    "checkButton": "QPushButton",
-    "checkResultText": "QPlainTextEdit",
-    "windowPresetComboBox": "QComboBox",
-    "delineationBackendComboBox": "QComboBox",
-    "segmentNameLineEdit": "QLineEdit",
-    "startDelineationButton": "QPushButton",
-    "positivePointButton": "QPushButton",
-    "negativePointButton": "QPushButton",
-    "boxButton": "QPushButton",
-    "propagateButton": "QPushButton",
-    "undoButton": "QPushButton",
-    "redoButton": "QPushButton",
-    "delineationStatusLabel": "QLabel",
+# Each .ui: the code that uses it (self.ui.<name>), and the names and Qt classes that code relies on.
+PANELS = {
+    "PRISMRT.ui": {
+        "top": "PRISMRT",
+        "code": [MODULE_DIR / "PRISMRT.py"],
+        "widgets": {
+            "inputSelector": "qMRMLNodeComboBox",
+            "checkButton": "QPushButton",
+            "checkResultText": "QPlainTextEdit",
+            "windowPresetComboBox": "QComboBox",
+        },
+        "scene_to": "inputSelector",
+    },
+    "PRISMRTDelineation.ui": {
+        "top": "PRISMRTDelineation",
+        "code": [MODULE_DIR / "PRISMRTModule" / "delineationSection.py"],
+        "widgets": {
+            "delineationBackendComboBox": "QComboBox",
+            "outputSegmentationSelector": "qMRMLNodeComboBox",
+            "segmentNameLineEdit": "QLineEdit",
+            "startDelineationButton": "QPushButton",
+            "positivePointButton": "QPushButton",
+            "negativePointButton": "QPushButton",
+            "boxButton": "QPushButton",
+            "propagateButton": "QPushButton",
+            "undoButton": "QPushButton",
+            "redoButton": "QPushButton",
+            "jobProgressBar": "QProgressBar",
+            "cancelJobButton": "QPushButton",
+            "delineationStatusLabel": "QLabel",
+        },
+        "scene_to": "outputSegmentationSelector",
+    },
 }
 
 
@@ -94,6 +111,9 @@ class qMRMLNodeComboBox(QtWidgets.QComboBox):  # noqa: N801
     noneEnabled = _flag("noneEnabled")
     addEnabled = _flag("addEnabled")
     removeEnabled = _flag("removeEnabled")
+    renameEnabled = _flag("renameEnabled")
+    noneDisplay = Property(str, lambda self: self._flags.get("noneDisplay", ""),
+                           lambda self, value: self._flags.__setitem__("noneDisplay", value))
 
     @Slot(object)
     def setMRMLScene(self, scene):
@@ -109,138 +129,167 @@ def app():
     return QtWidgets.QApplication.instance() or QtWidgets.QApplication([])
 
 
-# PySide6 cannot declare a signal with Slicer's C++ argument type, so this one connection of the .ui cannot be made
-# here (it is checked in the XML instead). Any other message from the loader is a defect of the .ui.
-EXPECTED_LOADER_MESSAGES = (
-    "QObject::connect: No such signal qMRMLWidget::mrmlSceneChanged(vtkMRMLScene*)",
-    "QObject::connect:  (sender name:   'PRISMRT')",
-    "QObject::connect:  (receiver name: 'inputSelector')",
-)
+def _expected_messages(top, receiver):
+    """PySide6 cannot declare a signal with Slicer's C++ argument type, so each .ui's scene connection cannot be made
+    here (it is checked in the XML instead). Any other message from the loader is a defect of the .ui."""
+    return ("QObject::connect: No such signal qMRMLWidget::mrmlSceneChanged(vtkMRMLScene*)",
+            f"QObject::connect:  (sender name:   '{top}')",
+            f"QObject::connect:  (receiver name: '{receiver}')")
 
 
-@pytest.fixture(scope="module")
-def loaded(app):
-    """(panel widget, messages Qt printed while loading it)."""
+def _load(name):
     loader = QtUiTools.QUiLoader()
     for cls in (ctkCollapsibleButton, qMRMLNodeComboBox, qMRMLWidget):
         loader.registerCustomWidget(cls)
     messages = []
     previous = QtCore.qInstallMessageHandler(lambda mode, context, message: messages.append(message))
     try:
-        ui_file = QtCore.QFile(str(UI_FILE))
+        ui_file = QtCore.QFile(str(UI_DIR / name))
         assert ui_file.open(QtCore.QFile.ReadOnly)
         widget = loader.load(ui_file)
         ui_file.close()
     finally:
         QtCore.qInstallMessageHandler(previous)
     assert widget is not None, loader.errorString()
-    yield widget, messages
-    widget.deleteLater()
+    return widget, messages
+
+
+@pytest.fixture(scope="module")
+def loaded(app):
+    """Per .ui: (widget, messages Qt printed while loading it)."""
+    widgets = {name: _load(name) for name in PANELS}
+    yield widgets
+    for widget, _ in widgets.values():
+        widget.deleteLater()
 
 
 @pytest.fixture(scope="module")
 def panel(loaded):
-    return loaded[0]
+    return loaded["PRISMRT.ui"][0]
 
 
 @pytest.fixture(scope="module")
-def ui_xml():
-    return ET.parse(UI_FILE).getroot()
+def section(loaded):
+    return loaded["PRISMRTDelineation.ui"][0]
 
 
-def test_ui_loads_with_the_names_and_classes_the_module_uses(panel):
-    assert panel.objectName() == "PRISMRT"
-    assert type(panel).__name__ == "qMRMLWidget"
-    for name, class_name in EXPECTED_WIDGETS.items():
-        child = panel.findChild(QtWidgets.QWidget, name)
-        assert child is not None, f"{name} missing from {UI_FILE.name}"
+@pytest.mark.parametrize("name", PANELS)
+def test_ui_loads_with_the_names_and_classes_the_code_uses(loaded, name):
+    widget, _ = loaded[name]
+    spec = PANELS[name]
+    assert widget.objectName() == spec["top"] and type(widget).__name__ == "qMRMLWidget"
+    for child_name, class_name in spec["widgets"].items():
+        child = widget.findChild(QtWidgets.QWidget, child_name)
+        assert child is not None, f"{child_name} missing from {name}"
         assert child.metaObject().className() == class_name or type(child).__name__ == class_name
 
 
-def test_every_ui_attribute_in_the_module_exists_in_the_ui(ui_xml):
-    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_FILE.read_text()))
-    declared = {w.get("name") for w in ui_xml.iter("widget")}
-    assert used, "PRISMRT.py no longer uses self.ui: update this test"
-    assert used <= declared, f"PRISMRT.py uses widgets the .ui lacks: {sorted(used - declared)}"
+@pytest.mark.parametrize("name", PANELS)
+def test_every_ui_attribute_in_the_code_exists_in_its_ui(name):
+    spec = PANELS[name]
+    used = set().union(*(re.findall(r"self\.ui\.(\w+)", f.read_text()) for f in spec["code"]))
+    declared = {w.get("name") for w in ET.parse(UI_DIR / name).getroot().iter("widget")}
+    assert used, f"{spec['code']} no longer use self.ui: update this test"
+    assert used <= declared, f"the code uses widgets {name} lacks: {sorted(used - declared)}"
 
 
-def test_widget_settings(panel):
+def test_panel_widget_settings(panel):
     selector = panel.findChild(QtWidgets.QWidget, "inputSelector")
     assert list(selector.property("nodeTypes")) == ["vtkMRMLScalarVolumeNode"]
     assert selector.property("showChildNodeTypes") is False  # label maps are not CTs
     assert selector.property("addEnabled") is False and selector.property("removeEnabled") is False
-    # bound to PRISMRTParameterNode.inputVolume by parameterNodeWrapper's connectGui
-    assert selector.property("SlicerParameterName") == "inputVolume"
-
     result = panel.findChild(QtWidgets.QPlainTextEdit, "checkResultText")
     assert result.isReadOnly()
     # enabled by the module once a volume is selected / presets are loaded
     assert not panel.findChild(QtWidgets.QPushButton, "checkButton").isEnabled()
     assert not panel.findChild(QtWidgets.QComboBox, "windowPresetComboBox").isEnabled()
-
     titles = [b.title() for b in panel.findChildren(ctkCollapsibleButton)]
-    assert titles == ["Input", "Volume check", "Display", "Delineation"]
+    assert titles == ["Input", "Volume check", "Display"]  # the task sections are their own .ui files
 
-    # delineation: the backends PRISMRTLib knows, the click modes are toggles, all off until a volume is chosen
-    backends = panel.findChild(QtWidgets.QComboBox, "delineationBackendComboBox")
+
+def test_delineation_section_settings(section):
+    assert [b.title() for b in section.findChildren(ctkCollapsibleButton)] == ["Delineation"]
+    backends = section.findChild(QtWidgets.QComboBox, "delineationBackendComboBox")
     from PRISMRTLib.features import BACKEND_CHOICES
 
     items = [backends.itemText(i) for i in range(backends.count())]
     assert tuple(items) == BACKEND_CHOICES and items[0] == "auto"  # the default: the best installed model
+    output = section.findChild(QtWidgets.QWidget, "outputSegmentationSelector")
+    assert list(output.property("nodeTypes")) == ["vtkMRMLSegmentationNode"]
+    assert output.property("noneEnabled") and output.property("addEnabled") and not output.property("removeEnabled")
     for name in ("positivePointButton", "negativePointButton", "boxButton"):
-        assert panel.findChild(QtWidgets.QPushButton, name).isCheckable()
+        assert section.findChild(QtWidgets.QPushButton, name).isCheckable()
     for name in ("startDelineationButton", "positivePointButton", "negativePointButton", "boxButton",
                  "propagateButton", "undoButton", "redoButton"):
-        assert not panel.findChild(QtWidgets.QPushButton, name).isEnabled()
+        assert not section.findChild(QtWidgets.QPushButton, name).isEnabled()
+    # the job row shows only while a job runs
+    assert section.findChild(QtWidgets.QProgressBar, "jobProgressBar").isHidden()
+    assert section.findChild(QtWidgets.QPushButton, "cancelJobButton").isHidden()
 
 
-def test_ui_loads_without_unexpected_messages(loaded):
-    _, messages = loaded
-    assert [m for m in messages if m not in EXPECTED_LOADER_MESSAGES] == []
+@pytest.mark.parametrize("name", PANELS)
+def test_ui_loads_without_unexpected_messages(loaded, name):
+    _, messages = loaded[name]
+    expected = _expected_messages(PANELS[name]["top"], PANELS[name]["scene_to"])
+    assert [m for m in messages if m not in expected] == []
 
 
-def test_no_misspelled_properties(panel):
-    """A property the widget class does not have becomes a silent dynamic property: only SlicerParameterName may."""
-    for widget in [panel, *panel.findChildren(QtWidgets.QWidget)]:
-        dynamic = {bytes(name).decode() for name in widget.dynamicPropertyNames()}
-        dynamic = {name for name in dynamic if not name.startswith("_")}  # PySide's own bookkeeping
-        assert dynamic <= {"SlicerParameterName"}, f"{widget.objectName()}: unknown properties {sorted(dynamic)}"
+@pytest.mark.parametrize("name", PANELS)
+def test_no_dynamic_properties(loaded, name):
+    """A property the widget class does not have becomes a silent dynamic property: a misspelling, or a binding
+    (SlicerParameterName) that nothing reads since the parameter node is bound by hand."""
+    widget, _ = loaded[name]
+    for child in [widget, *widget.findChildren(QtWidgets.QWidget)]:
+        dynamic = {bytes(n).decode() for n in child.dynamicPropertyNames()}
+        dynamic = {n for n in dynamic if not n.startswith("_")}  # PySide's own bookkeeping
+        assert not dynamic, f"{child.objectName()}: unknown properties {sorted(dynamic)}"
 
 
-def test_parameter_names_in_the_ui_exist_in_the_parameter_node(ui_xml):
-    """connectGui binds widgets by their SlicerParameterName to PRISMRTParameterNode's annotated fields."""
-    tree = ast.parse(MODULE_FILE.read_text())
-    (node_class,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "PRISMRTParameterNode"]
-    fields = {n.target.id for n in node_class.body if isinstance(n, ast.AnnAssign)}
-    bound = {
-        w.get("name"): p.findtext("string")
-        for w in ui_xml.iter("widget")
-        for p in w.findall("property")
-        if p.get("name") == "SlicerParameterName"
-    }
-    assert bound == {"inputSelector": "inputVolume"}
-    assert set(bound.values()) <= fields
+def test_every_parameter_the_code_uses_exists_in_the_parameter_node():
+    """The widgets are bound to the parameter node by hand: every parameter the code reads or writes exists."""
+    from PRISMRTModule.parameters import PRISMRTParameters
+
+    known = set(PRISMRTParameters.STRINGS) | set(PRISMRTParameters.NODES)
+    code = "".join(f.read_text() for spec in PANELS.values() for f in spec["code"])
+    used = set(re.findall(r"parameters\.(\w+)", code)) | set(re.findall(r'_setParameter\(\s*"(\w+)"', code))
+    used -= {"node"}
+    assert used and used <= known, f"unknown parameters: {sorted(used - known)}"
 
 
-def test_mrml_scene_is_passed_to_the_node_selector(ui_xml):
-    connections = [
-        (c.findtext("sender"), c.findtext("signal"), c.findtext("receiver"), c.findtext("slot"))
-        for c in ui_xml.iter("connection")
-    ]
-    assert ("PRISMRT", "mrmlSceneChanged(vtkMRMLScene*)", "inputSelector", "setMRMLScene(vtkMRMLScene*)") in connections
+@pytest.mark.parametrize("name", PANELS)
+def test_mrml_scene_is_passed_to_the_node_selectors(name):
+    root = ET.parse(UI_DIR / name).getroot()
+    connections = [(c.findtext("sender"), c.findtext("signal"), c.findtext("receiver"), c.findtext("slot"))
+                   for c in root.iter("connection")]
+    spec = PANELS[name]
+    assert (spec["top"], "mrmlSceneChanged(vtkMRMLScene*)", spec["scene_to"], "setMRMLScene(vtkMRMLScene*)") in \
+        connections
 
 
-def test_custom_widgets_are_declared_for_slicers_loader(ui_xml):
-    declared = {c.findtext("class"): c.findtext("header") for c in ui_xml.iter("customwidget")}
-    used = {w.get("class") for w in ui_xml.iter("widget")}
-    custom = {name for name in used if not name.startswith("Q")}
-    assert custom == {"qMRMLWidget", "ctkCollapsibleButton", "qMRMLNodeComboBox"}
-    for name in custom:
-        assert declared.get(name) == f"{name}.h"
+@pytest.mark.parametrize("name", PANELS)
+def test_custom_widgets_are_declared_for_slicers_loader(name):
+    root = ET.parse(UI_DIR / name).getroot()
+    declared = {c.findtext("class"): c.findtext("header") for c in root.iter("customwidget")}
+    used = {w.get("class") for w in root.iter("widget")}
+    custom = {n for n in used if not n.startswith("Q")}
+    assert custom <= {"qMRMLWidget", "ctkCollapsibleButton", "qMRMLNodeComboBox"}
+    for n in custom:
+        assert declared.get(n) == f"{n}.h"
+
+
+def test_the_extension_lists_every_module_file():
+    """Slicer's build installs only what PRISMRT/CMakeLists.txt names: every file of the module's package and every
+    .ui must be listed."""
+    cmake = (MODULE_DIR / "CMakeLists.txt").read_text()
+    for path in sorted((MODULE_DIR / "PRISMRTModule").glob("*.py")):
+        assert f"PRISMRTModule/{path.name}" in cmake, f"{path.name} is not in PRISMRT/CMakeLists.txt"
+    for path in sorted(UI_DIR.glob("*.ui")):
+        assert f"Resources/UI/{path.name}".replace("PRISMRT", "${MODULE_NAME}", 1) in cmake or \
+            f"Resources/UI/{path.name}" in cmake, f"{path.name} is not in PRISMRT/CMakeLists.txt"
 
 
 @pytest.mark.skipif(os.environ.get("PRISMRT_SCREENSHOTS") != "1", reason="set PRISMRT_SCREENSHOTS=1 to render")
-def test_render_screenshot(panel):
+def test_render_screenshot(panel, section):
     """Render the panel as it looks after checking the repository's sample CT (stand-in custom widgets)."""
     import sys
 
@@ -260,11 +309,21 @@ def test_render_screenshot(panel):
     result = panel.findChild(QtWidgets.QPlainTextEdit, "checkResultText")
     result.setFont(QtGui.QFontDatabase.systemFont(QtGui.QFontDatabase.FixedFont))  # as PRISMRTWidget.setup does
     result.setPlainText(check_volume(sitk.ReadImage(str(sample))).to_text())
+    section.findChild(QtWidgets.QPushButton, "startDelineationButton").setEnabled(True)  # a volume is selected
+    section.findChild(QtWidgets.QComboBox, "outputSegmentationSelector").addItem("Create new on Start")
 
-    panel.findChild(QtWidgets.QPushButton, "startDelineationButton").setEnabled(True)  # a volume is selected
-
-    panel.resize(520, 640)
+    host = QtWidgets.QWidget()  # as the module's layout holds them: the panel, then each task section
+    layout = QtWidgets.QVBoxLayout(host)
+    layout.addWidget(panel)
+    layout.addWidget(section)
+    layout.addStretch(1)
+    host.resize(520, 780)
     SCREENSHOT_DIR.mkdir(exist_ok=True)
     path = SCREENSHOT_DIR / "PRISMRT-panel-offscreen.png"
-    assert panel.grab().save(str(path))
+    try:
+        assert host.grab().save(str(path))
+    finally:  # the fixtures own the two widgets
+        for widget in (panel, section):
+            layout.removeWidget(widget)
+            widget.setParent(None)
     assert path.stat().st_size > 1000

@@ -409,3 +409,48 @@ def test_a_correction_fills_in_the_structure_but_grows_it_only_as_far_as_the_use
     session.undo()
     session.undo()
     assert span() == (index - 3, index + 4)
+
+
+def test_edits_made_by_hand_are_adopted_and_refined_by_the_next_click(phantom):
+    """The mask as the user edited it (painted, erased) becomes the session's: a hand-painted voxel survives the next
+    click on its slice and is the click's mask input; a slice erased by hand ends propagation; one undo step."""
+    image, ptv = phantom
+    session = SegmentationSession(OracleBackend(echo_mask=True), image, "axial", window="soft-tissue")
+    plane = session.plane
+    index, stack, point = _largest_slice(session, ptv)
+    session.add_point(point)  # no mask input yet: the oracle's object
+    np.testing.assert_array_equal(plane.extract(session.mask, index).astype(bool), stack[index])
+    assert session.adopt(session.mask) == []  # nothing changed, no step
+    steps = len(session._undo)
+
+    edited = session.mask.copy()
+    painted = plane.stack_view(edited)
+    rows, cols = np.nonzero(~stack[index])
+    far = int(np.argmax((rows - rows.mean()) ** 2 + (cols - cols.mean()) ** 2))
+    pr, pc = int(rows[far]), int(cols[far])  # a background pixel far from the target
+    painted[index, pr, pc] = 1
+    painted[index + 5] = 0  # nothing there before: unchanged
+    assert session.adopt(edited) == [index]
+    assert len(session._undo) == steps + 1 and session._source[index] == "edited" and index not in session.prompts
+
+    # the next positive click elsewhere on the slice refines what the user drew: the painted pixel survives
+    r, c = interior_point(stack[index])
+    result = session.add_point(plane.slice_coords_to_point([index, r, c]))
+    assert result.mask[pr, pc] and plane.stack_view(session.mask)[index, pr, pc]
+    assert session.undo() == "positive click"
+    assert session.undo() == "edits made by hand"
+    assert not plane.stack_view(session.mask)[index, pr, pc]
+
+    # a slice erased by hand ends the structure: propagation stops there
+    session.propagate(min_area_mm2=1.0, min_overlap=0.0, cross_views=False)
+    full = plane.stack_view(session.mask.astype(bool)).any(axis=(1, 2))
+    cut = index + 2
+    assert full[cut + 1]
+    erased = session.mask.copy()
+    plane.stack_view(erased)[cut] = 0
+    assert session.adopt(erased) == [cut]
+    session.propagate(min_area_mm2=1.0, min_overlap=0.0, cross_views=False)
+    assert not plane.stack_view(session.mask.astype(bool)).any(axis=(1, 2))[cut:].any()
+
+    with pytest.raises(GeometryError, match="volume's grid"):
+        session.adopt(np.zeros((3, 4, 5), np.uint8))
