@@ -142,11 +142,16 @@ def maskToSegment(maskImage, segmentationNode, segmentName: str, color=(0.9, 0.2
 
     if segmentationNode is None:
         raise ValueError("no segmentation node given to write the mask into")
-    array = sitk.GetArrayViewFromImage(maskImage)  # (k, j, i)
+    inside = sitk.GetArrayViewFromImage(maskImage) != 0  # (k, j, i)
+    # Only the mask's bounding box is handed over (Slicer keeps a labelmap at its effective extent anyway): a
+    # tumour's box, not the whole CT, is copied on every click. An empty mask is one voxel of background.
+    bounds = [np.flatnonzero(inside.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1))]  # k, j, i
+    (k0, k1), (j0, j1), (i0, i1) = [(int(b[0]), int(b[-1])) if len(b) else (0, 0) for b in bounds]
     labelmap = slicer.vtkOrientedImageData()
-    labelmap.SetDimensions(*[int(n) for n in maskImage.GetSize()])
+    labelmap.SetExtent(i0, i1, j0, j1, k0, k1)
     labelmap.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-    numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars())[:] = (np.asarray(array) != 0).ravel()
+    numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars())[:] = \
+        inside[k0:k1 + 1, j0:j1 + 1, i0:i1 + 1].ravel()
     labelmap.SetImageToWorldMatrix(imageIjkToRasMatrix(maskImage))
 
     segmentId = segmentationNode.GetSegmentation().GetSegmentIdBySegmentName(segmentName)
@@ -185,10 +190,25 @@ def segmentToMask(segmentationNode, segmentName: str, referenceVolumeNode) -> "n
     segmentationNode.GetBinaryLabelmapRepresentation(segmentId, labelmap)
     if labelmap.GetPointData().GetScalars() is None or labelmap.IsEmpty():
         return out
-    reference = slicer.vtkOrientedImageData()
-    reference.SetExtent(0, ni - 1, 0, nj - 1, 0, nk - 1)
     ijkToRas = vtk.vtkMatrix4x4()
     referenceVolumeNode.GetIJKToRASMatrix(ijkToRas)
+    imageToWorld = vtk.vtkMatrix4x4()
+    labelmap.GetImageToWorldMatrix(imageToWorld)
+    sameGrid = all(abs(imageToWorld.GetElement(r, c) - ijkToRas.GetElement(r, c)) < 1e-6
+                   for r in range(4) for c in range(4))
+    if sameGrid:  # as PRISM-RT and Segment Editor write it: the voxels of its extent, within the volume, as they are
+        extent = labelmap.GetExtent()
+        values = numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars()).reshape(
+            extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
+        lo = [max(extent[2 * a], 0) for a in range(3)]
+        hi = [min(extent[2 * a + 1], n - 1) for a, n in enumerate((ni, nj, nk))]
+        if all(h >= low for low, h in zip(lo, hi)):
+            out[lo[2]:hi[2] + 1, lo[1]:hi[1] + 1, lo[0]:hi[0] + 1] = values[
+                lo[2] - extent[4]:hi[2] - extent[4] + 1, lo[1] - extent[2]:hi[1] - extent[2] + 1,
+                lo[0] - extent[0]:hi[0] - extent[0] + 1] != 0
+        return out
+    reference = slicer.vtkOrientedImageData()
+    reference.SetExtent(0, ni - 1, 0, nj - 1, 0, nk - 1)
     reference.SetImageToWorldMatrix(ijkToRas)
     resampled = slicer.vtkOrientedImageData()
     if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(

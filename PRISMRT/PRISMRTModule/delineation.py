@@ -8,9 +8,9 @@
   (:meth:`DelineationController.leave`: the module closed, the scene closed), which ends all of it.
 
 The segment is what the user sees and owns: painting or erasing it in Segment Editor is adopted as the next click's
-input (slices the user edited become theirs, see ``SegmentationSession.adopt``), and each write by PRISM-RT saves the
-segment as it was first (PRISM-RT's Undo restores it; Segment Editor's Undo too when the editor shows this
-segmentation), so nothing the user drew is overwritten without an undo.
+input (slices the user edited become theirs, see ``SegmentationSession.adopt``), as a step of the session's history,
+so PRISM-RT's Undo restores the segment exactly as the user left it (and Segment Editor's Undo covers PRISM-RT's
+writes when the editor shows this segmentation): nothing the user drew is overwritten without an undo.
 """
 
 import logging
@@ -37,60 +37,6 @@ GTV_TERMINOLOGY = ("Segmentation category and type - DICOM master list"
 GTV_COLOR = (0.86, 0.16, 0.16)  # red, as planning systems show GTVs
 
 
-class SegmentHistory:
-    """Undo and redo of what PRISM-RT writes into a segment: before each write the segment is saved as it was (the
-    user's own edits included), bit-packed on the volume's grid; undo puts it back exactly (or removes the segment
-    if there was none)."""
-
-    def __init__(self, maxStates: int = 30):
-        self.maxStates = maxStates
-        self._undo, self._redo = [], []  # (step name, snapshot)
-
-    @staticmethod
-    def _snapshot(segmentationNode, segmentName, referenceVolumeNode):
-        mask = segmentToMask(segmentationNode, segmentName, referenceVolumeNode)
-        return None if mask is None else (mask.shape, np.packbits(mask.ravel() != 0))
-
-    @staticmethod
-    def _restore(snapshot, segmentationNode, segmentName, referenceImage) -> None:
-        if snapshot is None:  # there was no segment
-            segmentId = segmentationNode.GetSegmentation().GetSegmentIdBySegmentName(segmentName)
-            if segmentId:
-                segmentationNode.GetSegmentation().RemoveSegment(segmentId)
-            return
-        import SimpleITK as sitk
-
-        shape, bits = snapshot
-        mask = np.unpackbits(bits, count=int(np.prod(shape))).reshape(shape)
-        image = sitk.GetImageFromArray(mask)
-        image.CopyInformation(referenceImage)
-        maskToSegment(image, segmentationNode, segmentName, GTV_COLOR)
-
-    def save(self, name: str, segmentationNode, segmentName, referenceVolumeNode) -> None:
-        """Before a write named ``name``: remember the segment as it is now."""
-        self._undo.append((name, self._snapshot(segmentationNode, segmentName, referenceVolumeNode)))
-        del self._undo[:-self.maxStates]
-        self._redo.clear()
-
-    def canUndo(self) -> bool:
-        return bool(self._undo)
-
-    def canRedo(self) -> bool:
-        return bool(self._redo)
-
-    def _move(self, source, target, segmentationNode, segmentName, referenceVolumeNode, referenceImage) -> str:
-        name, snapshot = source.pop()
-        target.append((name, self._snapshot(segmentationNode, segmentName, referenceVolumeNode)))
-        self._restore(snapshot, segmentationNode, segmentName, referenceImage)
-        return name
-
-    def undo(self, *args) -> str:
-        return self._move(self._undo, self._redo, *args)
-
-    def redo(self, *args) -> str:
-        return self._move(self._redo, self._undo, *args)
-
-
 def _saveSegmentEditorStateForUndo(segmentationNode) -> None:
     """Inside the application, Segment Editor's own Undo covers PRISM-RT's writes when it shows this segmentation."""
     modules = getattr(slicer, "modules", None)
@@ -99,12 +45,18 @@ def _saveSegmentEditorStateForUndo(segmentationNode) -> None:
     try:
         if editor is not None and editor.segmentationNode() is segmentationNode:
             editor.saveStateForUndo()
-    except Exception:  # the editor is optional here: PRISM-RT's own history has the state
+    except Exception:  # the editor is optional: PRISM-RT's own undo has the state
         logging.exception("PRISM-RT: could not save Segment Editor's undo state")
 
 
 class DelineationLogic:
-    """One delineation: a PRISMRTLib SegmentationSession on a volume node, written into one segment."""
+    """One delineation: a PRISMRTLib SegmentationSession on a volume node, written into one segment.
+
+    The session and the segment move in step: before each prompt the segment is read back and whatever the user
+    changed by hand is adopted into the session as a step of its own (``SegmentationSession.adopt``), so the session's
+    history is the history of the segment, whoever changed it. Undo and redo are the session's (per slice, exact:
+    its prompts and mask inputs come back too), written into the segment; each write is preceded by a sync, so what
+    an undo restores is the segment exactly as the user left it."""
 
     def __init__(self):
         self.session = None
@@ -112,8 +64,9 @@ class DelineationLogic:
         self.image = None
         self.segmentationNode = None
         self.segmentName = "GTV"
-        self.history = SegmentHistory()
-        self._writtenSegment = False
+        self._createdSegment = False  # the segment was made by this delineation (an undo to nothing removes it)
+        self._synced = None  # the segment's fingerprint when it last equalled the session's mask
+        self._segmentIdWritten = None
 
     # ---- start ---------------------------------------------------------------------------------------------------
     @staticmethod
@@ -144,13 +97,14 @@ class DelineationLogic:
             raise prismrtError("the segment needs a name: type one in the Segment field")
         self.session, self.volumeNode, self.image = session, volumeNode, image
         self.segmentationNode, self.segmentName = segmentationNode, segmentName.strip()
-        self.history = SegmentHistory()
         if not segmentationNode.GetNodeReferenceID(segmentationNode.GetReferenceImageGeometryReferenceRole()):
             segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+        self._createdSegment = self._segmentId() is None
+        self._synced = self._segmentIdWritten = None
         existing = segmentToMask(segmentationNode, self.segmentName, volumeNode)
-        self._writtenSegment = existing is not None
-        if existing is not None and existing.any():
-            session.adopt(existing, "the segment as it was")
+        if existing is not None:  # where this delineation starts from, not a step to undo
+            session.adopt(existing, "the segment as it was", undoable=False)
+            self._synced = self._fingerprint()
 
     def start(self, volumeNode, segmentationNode, segmentName="GTV", backend="auto", model=None, device="auto",
               orientation="axial", window=None):
@@ -162,6 +116,7 @@ class DelineationLogic:
 
     def end(self) -> None:
         self.session = self.volumeNode = self.image = self.segmentationNode = None
+        self._synced = None
 
     @property
     def active(self) -> bool:
@@ -173,31 +128,54 @@ class DelineationLogic:
         return self.session
 
     # ---- the segment <-> the session -----------------------------------------------------------------------------
-    def syncFromSegment(self) -> list:
-        """Adopt the user's own edits of the segment (Segment Editor's paint, erase, ...) into the session before
-        the next prompt; a segment the user deleted counts as erased. Returns the slices that changed."""
-        session = self._require()
-        mask = segmentToMask(self.segmentationNode, self.segmentName, self.volumeNode)
-        if mask is None:
-            if not self._writtenSegment:
-                return []
-            mask = np.zeros_like(session.mask)
-        return session.adopt(mask)
+    def _segmentId(self):
+        node = self.segmentationNode
+        segmentId = node.GetSegmentation().GetSegmentIdBySegmentName(self.segmentName) if node is not None else ""
+        return segmentId or None
 
-    def writeSegment(self, stepName: str) -> str:
-        """The session's 3D mask into the segment, after saving the segment as it was (undo). A new segment gets
-        the GTV terminology and colour. Returns the segment ID."""
+    def _fingerprint(self):
+        """Changes whenever the segment's labelmap does (a write, a paint stroke, an undo in Segment Editor)."""
+        segmentId = self._segmentId()
+        if segmentId is None:
+            return None
+        segment = self.segmentationNode.GetSegmentation().GetSegment(segmentId)
+        representation = segment.GetRepresentation(
+            slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName())
+        return (segmentId, representation.GetAddressAsString("vtkObject") if representation is not None else None,
+                representation.GetMTime() if representation is not None else None)
+
+    def syncFromSegment(self, name: str = "edits made by hand") -> list:
+        """Adopt the user's own edits of the segment (Segment Editor's paint, erase, ...) into the session before
+        the next prompt, as one undoable step; a segment the user deleted counts as erased. Returns the slices that
+        changed. Unchanged since the last write or sync: nothing is read."""
+        session = self._require()
+        fingerprint = self._fingerprint()
+        if fingerprint is not None and fingerprint == self._synced:
+            return []
+        mask = segmentToMask(self.segmentationNode, self.segmentName, self.volumeNode)
+        changed = session.adopt(np.zeros_like(session.mask) if mask is None else mask, name)
+        self._synced = fingerprint
+        return changed
+
+    def writeSegment(self, stepName: str = "") -> "str | None":
+        """The session's 3D mask into the segment (call :meth:`syncFromSegment` before changing the session). A new
+        segment gets the GTV terminology and colour. Returns the segment ID (None when an undo to nothing removed a
+        segment this delineation had made)."""
         session = self._require()
         node = self.segmentationNode
         _saveSegmentEditorStateForUndo(node)
-        self.history.save(stepName, node, self.segmentName, self.volumeNode)
-        isNew = not node.GetSegmentation().GetSegmentIdBySegmentName(self.segmentName)
+        segmentId = self._segmentId()
+        if segmentId is not None and self._createdSegment and not session.mask.any() and not session.can_undo():
+            node.GetSegmentation().RemoveSegment(segmentId)  # back to before the first click: no segment
+            self._synced = None
+            return None
         segmentId = maskToSegment(session.result(), node, self.segmentName, GTV_COLOR)
-        if isNew:
-            segment = node.GetSegmentation().GetSegment(segmentId)
+        if segmentId != self._segmentIdWritten and self._createdSegment:  # new: say what it is (Slicer's default
+            segment = node.GetSegmentation().GetSegment(segmentId)  # would be "Tissue")
             segment.SetTag(segment.GetTerminologyEntryTagName(), GTV_TERMINOLOGY)
             segment.SetColor(*GTV_COLOR)
-        self._writtenSegment = True
+        self._segmentIdWritten = segmentId
+        self._synced = self._fingerprint()
         return segmentId
 
     # ---- prompts (call syncFromSegment first, on the GUI thread) --------------------------------------------------
@@ -228,31 +206,28 @@ class DelineationLogic:
         index = self.sliceIndex(pointRas)
         return None if index is None else self.session.prefetch_next(index, radius)
 
-    # ---- undo / redo: the segment as it was, and the session with it ---------------------------------------------
+    # ---- undo / redo: the session's steps (the user's own edits among them), written into the segment ------------
     def canUndo(self) -> bool:
-        return self.active and self.history.canUndo()
+        return self.active and self.session.can_undo()
 
     def canRedo(self) -> bool:
-        return self.active and self.history.canRedo()
-
-    def _historyMove(self, undo: bool) -> str:
-        session = self._require()
-        move = self.history.undo if undo else self.history.redo
-        name = move(self.segmentationNode, self.segmentName, self.volumeNode, self.image)
-        restored = segmentToMask(self.segmentationNode, self.segmentName, self.volumeNode)
-        restored = np.zeros_like(session.mask) if restored is None else restored
-        # the session's own step back (its prompts and mask logits with it) when it is in step with the segment;
-        # otherwise (the user edited by hand in between) the segment, which is what the user sees, wins
-        if session.can_undo() if undo else session.can_redo():
-            session.undo() if undo else session.redo()
-        session.adopt(restored, "undo" if undo else "redo")
-        return name
+        return self.active and self.session.can_redo()
 
     def undo(self) -> str:
-        return self._historyMove(True)
+        """Undo the last change of the segment: a click, box or propagation, or the user's own edits (a sync first
+        makes edits since the last write a step of their own, so they are what an undo takes back first)."""
+        self._require()
+        self.syncFromSegment()
+        name = self.session.undo()
+        self.writeSegment()
+        return name
 
     def redo(self) -> str:
-        return self._historyMove(False)
+        self._require()
+        self.syncFromSegment()  # an edit made since the undo ends what can be redone
+        name = self.session.redo()
+        self.writeSegment()
+        return name
 
 
 class DelineationController(VTKObservationMixin):

@@ -256,12 +256,13 @@ class SegmentationSession:
         """Slice ``index`` was drawn by the user (clicks, or edited by hand): propagation keeps it and stops there."""
         return self._source.get(index) in ("clicks", "edited")
 
-    def adopt(self, mask: np.ndarray, name: str = "edits made by hand") -> list[int]:
+    def adopt(self, mask: np.ndarray, name: str = "edits made by hand", undoable: bool = True) -> list[int]:
         """Make the user's own edits of the result theirs in the session: ``mask`` is the whole 3D mask on the
         volume's grid ((k, j, i), non-zero inside), e.g. the segment as painted or erased in Slicer's Segment Editor.
         Each slice where it differs from the session's mask takes it and counts as drawn by the user: its earlier
         prompts are dropped, the next click there refines what the user drew (it is the click's mask input),
-        propagation keeps it and stops at it, and a slice erased by hand ends the structure. One undoable step.
+        propagation keeps it and stops at it, and a slice erased by hand ends the structure. One undoable step
+        (``undoable=False``: the starting point, e.g. a segment drawn before the session; nothing to undo to).
         Returns the slices changed (none: no step)."""
         mask = np.asarray(mask)
         if mask.shape != self.mask.shape:
@@ -275,7 +276,8 @@ class SegmentationSession:
         for i in changed:
             self._write(i, self.plane.extract(mask, i) != 0, None, "edited")
             self.prompts.pop(i, None)
-        self._commit(step)
+        if undoable:
+            self._commit(step)
         return changed
 
     def clear_slice(self, index: int) -> None:

@@ -201,3 +201,34 @@ def test_a_box_from_two_ras_corners_gives_the_slice_mask(phantom, delineation, l
     assert _dice(mask[k], ptv[k]) > 0.97 and not np.delete(mask, k, axis=0).any()
     with pytest.raises(GeometryError, match="different axial slices"):
         logic.setBox(corner_a, (m @ np.array([i.min() - 1, j.max() + 1, k + 2, 1.0]))[:3])
+
+
+def test_a_segment_drawn_before_is_where_the_delineation_starts(phantom, scene, logic):
+    """A segment of the chosen name that exists (drawn by hand, or by an earlier delineation) is the session's
+    starting mask, not a step to undo; its name, colour and terminology stay the user's."""
+    import SimpleITK as sitk
+
+    image, ptv = phantom
+    volume = conversions.imageToVolumeNode(image, name="CT", scene=scene)
+    segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "drawn")
+    drawn = np.zeros(ptv.shape, np.uint8)
+    k = int(np.argmax(ptv.sum(axis=(1, 2))))
+    drawn[k - 1:k + 2] = ptv[k - 1:k + 2]
+    mask_image = sitk.GetImageFromArray(drawn)
+    mask_image.CopyInformation(image)
+    segment_id = conversions.maskToSegment(mask_image, segmentation_node, "GTV", (0.1, 0.2, 0.9))
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+    segment.SetTag(segment.GetTerminologyEntryTagName(), "the user's own")
+    logic.start(volume, segmentation_node, "GTV", backend=OracleBackend(), window="soft-tissue")
+    np.testing.assert_array_equal(logic.session.mask, drawn)
+    assert not logic.canUndo()
+    assert logic.syncFromSegment() == []  # unchanged since: nothing read, nothing adopted
+    j, i = interior_point(ptv[k + 4])
+    logic.addPoint(_ijk_to_ras(volume) @ np.array([i, j, k + 4, 1.0]))
+    assert logic.writeSegment("positive click") == segment_id
+    tag = vtk.reference("")
+    segment.GetTag(segment.GetTerminologyEntryTagName(), tag)
+    assert str(tag) == "the user's own" and segment.GetColor() == pytest.approx((0.1, 0.2, 0.9))
+    assert logic.undo() == "positive click"
+    np.testing.assert_array_equal(conversions.segmentToMask(segmentation_node, "GTV", volume), drawn)
+    assert not logic.canUndo() and segmentation_node.GetSegmentation().GetSegment(segment_id) is not None
