@@ -12,10 +12,14 @@ on the training views. Everything else is unchanged, bit for bit: the masks of e
 plus a ranking term (cross-entropy of the three scores against the best mask), since ranking is what the choice needs.
 
     python -m training.litemedsam_clicks.iou_head extract --cache training/runs/litemedsam_cache \
-        --out training/runs/litemedsam_iou_head
-    python -m training.litemedsam_clicks.iou_head fit --run training/runs/litemedsam_iou_head
+        --model training/runs/litemedsam-clicks-1 --out training/runs/litemedsam_iou_head
+    python -m training.litemedsam_clicks.iou_head fit --run training/runs/litemedsam_iou_head \
+        --model training/runs/litemedsam-clicks-1
     python -m training.litemedsam_clicks.iou_head export --run training/runs/litemedsam_iou_head \
-        --out PRISMRTLib/weights/shipped/litemedsam-clicks/2
+        --model training/runs/litemedsam-clicks-1 --out PRISMRTLib/weights/shipped/litemedsam-clicks/2
+
+``--model``: the bundle whose head is re-fitted, version 1 (``train.py export`` of the training run; it shipped as
+``litemedsam-clicks`` until this re-fit replaced it).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ The image encoder's weights are the released ones; the result is exported as a b
 and takes the encoder from the ``litemedsam`` model (each user's conversion of the released checkpoint)::
 
     python -m training.litemedsam_clicks.train train --cache training/runs/litemedsam_cache --out training/runs/litemedsam_clicks --steps 3000
-    python -m training.litemedsam_clicks.train export --run training/runs/litemedsam_clicks --out PRISMRTLib/weights/shipped/litemedsam-clicks/1
+    python -m training.litemedsam_clicks.train export --run training/runs/litemedsam_clicks --out training/runs/litemedsam-clicks-1  (version 1; then iou_head.py)
 """
 
 from __future__ import annotations
