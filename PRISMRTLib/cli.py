@@ -142,11 +142,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output folder for results.json and results.md")
     p.add_argument("--overwrite", action="store_true")
 
-    p = sub.add_parser("register", parents=[common], help="deformable registration with QA")
+    p = sub.add_parser(
+        "register", parents=[common], help="deformable registration with QA",
+        description="Register MOVING to FIXED: initial alignment (moments, rigid, affine), then ConvexAdam on MIND-SSC "
+                    "descriptors. Writes OUT/displacement.nii.gz (fixed grid, LPS mm, p_moving = p + u(p)), "
+                    "OUT/transform.h5, OUT/warped.nii.gz, OUT/warped_segmentations/, and a QA report (qa.md, qa.json, "
+                    "checkerboard, difference and Jacobian images) that checks the result against TG-132 tolerances.",
+    )
     p.add_argument("fixed", type=_existing_path)
     p.add_argument("moving", type=_existing_path)
-    p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto")
+    p.add_argument("--method", choices=("mind", "features", "both"), default="mind",
+                   help="what the deformable step matches: MIND-SSC descriptors (default), the backbone's dense "
+                        "features, or both (features: not in this version)")
+    p.add_argument("--smoothness", type=float, default=1.0,
+                   help="0 (follows the images closely) .. 10 (very smooth); default 1")
+    p.add_argument("--fixed-mask", type=_existing_path, help="region of interest on the fixed image (mask file)")
+    p.add_argument("--fixed-segmentation", action="append", default=[], type=_existing_path, metavar="MASK|FOLDER",
+                   help="structure masks of the fixed image (files named after the structure, or a folder of them)")
+    p.add_argument("--moving-segmentation", action="append", default=[], type=_existing_path, metavar="MASK|FOLDER",
+                   help="structure masks of the moving image: warped into OUT/warped_segmentations/ and, where the "
+                        "fixed image has the same name, scored (Dice, distance)")
+    p.add_argument("--fixed-landmarks", type=_existing_path, help="fiducials on the fixed image (.mrk.json, .fcsv, .csv)")
+    p.add_argument("--moving-landmarks", type=_existing_path, help="the same fiducials on the moving image")
+    p.add_argument("--inverse-consistency", action="store_true",
+                   help="also register moving to fixed and report the round-trip error")
+    p.add_argument("--multimodal", action="store_true",
+                   help="the images are of different modalities (e.g. CT and MR) on purpose")
+    p.add_argument("--max-folding", type=float, default=0.1, metavar="PERCENT",
+                   help="QA tolerance for folding (det J <= 0) in the body, in %% of voxels (default 0.1; TG-132's "
+                        "strict reading: 0)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("ask", parents=[common], help="answer a free-text question about a CT")
     p.add_argument("image", type=_existing_path)
@@ -588,6 +614,104 @@ def cmd_eval_seg(args) -> int:
     return 0
 
 
+def _structure_masks(paths) -> dict:
+    """Structure masks from files (named after the file) and folders of them; refuses duplicate names."""
+    from .imaging import read_image
+
+    files = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if _mask_name(p) != p.name)
+            if not found:
+                raise PrismRTError(f"'{path}' holds no mask files (.nii.gz, .nii, .nrrd, .mha)")
+            files += found
+        else:
+            files.append(path)
+    import SimpleITK as sitk
+
+    masks = {}
+    for path in files:
+        name = _mask_name(path)
+        if name in masks:
+            raise PrismRTError(f"two masks are named '{name}': rename one of them")
+        image = read_image(path)
+        stats = sitk.MinimumMaximumImageFilter()
+        stats.Execute(image)
+        is_mask = image.GetPixelID() in (sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkUInt16, sitk.sitkInt16,
+                                         sitk.sitkUInt32, sitk.sitkInt32) and stats.GetMinimum() >= 0 \
+            and stats.GetMaximum() <= 1
+        if not is_mask:
+            if path.parent in paths and path not in paths:  # a folder's other images (the CT, a dose): skipped
+                continue
+            raise PrismRTError(f"'{path}' is not a mask (values 0 and 1): give structure masks")
+        masks[name] = image
+    return masks
+
+
+def cmd_register(args) -> int:
+    from .registration.outputs import REGISTRATION_FILES
+
+    if args.method != "mind":
+        raise NotAvailableError(
+            f"--method {args.method} is not available in PRISM-RT {__version__}: it needs the backbone's dense features "
+            "for registration, which are not built yet; use --method mind")
+    if not 0 <= args.smoothness <= 10:
+        raise PrismRTError(f"--smoothness must be between 0 and 10, got {args.smoothness:g}")
+    if (args.fixed_landmarks is None) != (args.moving_landmarks is None):
+        raise PrismRTError("give both --fixed-landmarks and --moving-landmarks, or neither")
+    if args.max_folding < 0:
+        raise PrismRTError("--max-folding is a percentage: 0 or more")
+    if args.out.exists() and not args.out.is_dir():
+        raise PrismRTError(f"--out '{args.out}' is a file: give a folder")
+    for name in REGISTRATION_FILES:
+        _check_output(args.out / name, args.overwrite)
+
+    from .imaging import check_volume, read_image
+    from .registration.pipeline import register
+    from .registration.qa import Tolerances, read_landmarks
+    from .registration.outputs import write_registration
+
+    fixed, moving = read_image(args.fixed), read_image(args.moving)
+    fixed_summary, moving_summary = check_volume(fixed), check_volume(moving)
+    if fixed_summary.is_ct != moving_summary.is_ct and not args.multimodal:
+        which = "fixed" if fixed_summary.is_ct else "moving"
+        raise PrismRTError(f"the {which} image looks like CT and the other does not: pass --multimodal if that is "
+                           "intended (MIND-SSC compares structure, not intensities), or check the inputs")
+    fixed_mask = read_image(args.fixed_mask) if args.fixed_mask else None
+    fixed_structures = _structure_masks(args.fixed_segmentation)
+    moving_structures = _structure_masks(args.moving_segmentation)
+    landmarks = (read_landmarks(args.fixed_landmarks), read_landmarks(args.moving_landmarks)) \
+        if args.fixed_landmarks else (None, None)
+
+    bar = _progress_bar(100, "register", "%")
+
+    def progress(fraction, text=""):
+        if bar is not None:
+            bar.set_description(text or "register", refresh=False)
+            bar.update(int(round(100 * fraction)) - bar.n)
+
+    try:
+        result = register(fixed, moving, method=args.method, smoothness=args.smoothness, fixed_mask=fixed_mask,
+                          inverse_consistency=args.inverse_consistency, device=args.device, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    for warning in result.warnings:
+        _warn(warning)
+    inputs = {"fixed": str(args.fixed), "moving": str(args.moving), "method": args.method,
+              "smoothness": f"{args.smoothness:g}", "device": result.device,
+              "time": f"{result.timings.get('total_s', 0.0):.0f} s"}
+    report = write_registration(
+        result, args.out, fixed=fixed, moving=moving, fixed_structures=fixed_structures,
+        moving_structures=moving_structures, fixed_landmarks=landmarks[0], moving_landmarks=landmarks[1],
+        tolerances=Tolerances(max_folding_percent=args.max_folding), inputs=inputs, overwrite=args.overwrite)
+    print(f"wrote {args.out}/: displacement.nii.gz, transform.h5, warped.nii.gz, qa.md, qa.json and images")
+    print(f"QA: {report.summary}")
+    for reason in report.reasons:
+        print(f"  - {reason}")
+    return 0
+
+
 def cmd_not_available(args) -> int:
     raise NotAvailableError(
         f"'{args.command}' is not available in PRISM-RT {__version__}: its models are not part of this version yet "
@@ -600,7 +724,7 @@ COMMANDS = {
     "overview": cmd_overview,
     "segment": cmd_segment,
     "eval-seg": cmd_eval_seg,
-    "register": cmd_not_available,
+    "register": cmd_register,
     "ask": cmd_not_available,
     "models": cmd_models,
 }

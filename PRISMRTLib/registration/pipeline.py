@@ -1,0 +1,278 @@
+"""Registration from two volumes to one displacement field: initial alignment, then ConvexAdam on features.
+
+Steps of :func:`register`:
+
+1. :func:`.alignment.align` (body centroids, global translation search, rigid, affine): ``T``, fixed -> moving.
+2. A **working grid**: the fixed image's extent and direction, isotropic voxels (default: the fixed image's finest
+   spacing, coarsened until the grid holds at most ``MAX_WORKING_VOXELS``), so the smoothness penalty means the same
+   along every axis. The fixed image and the moving image resampled through ``T`` are put on it.
+3. Features of both on the working grid: ``"mind"`` (MIND-SSC, :mod:`.mind`), ``"features"`` (a callable, e.g. the
+   backbone's dense features), or ``"both"`` (concatenated, each normalised to equal weight).
+4. :func:`.convex_adam.convex_adam`: a deformable displacement on the working grid (voxels).
+5. Fields: the deformable part in mm, composed with ``T`` into one displacement field on the fixed grid,
+   ``u(p) = T(p + u_def(p)) - p``; the warped moving image. With inverse consistency also the inverse on the moving
+   grid.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..errors import InvalidImageError
+from .alignment import STAGES, AlignmentError, AlignmentResult, align, body_mask, looks_like_ct
+from .convex_adam import ConvexAdamSettings, combine_features, convex_adam
+from .field import compose, same_grid, voxel_grid_to_field, warp_image
+
+METHODS = ("mind", "features", "both")
+ALIGNMENTS = ("none",) + STAGES  # "affine" runs every stage up to and including it
+MAX_WORKING_VOXELS = 2_500_000
+MIN_BODY_OVERLAP = 0.3
+BODY_MARGIN_MM = 15.0  # below this after alignment the images do not show the same region
+
+
+@dataclass
+class RegistrationResult:
+    """What :func:`register` found.
+
+    ``displacement``: the total field on the fixed grid (ITK convention, LPS mm, ``p_moving = p + u(p)``);
+    ``affine``: the initial alignment alone (fixed -> moving points); ``warped``: the moving image on the fixed grid;
+    ``inverse_displacement`` (inverse consistency only): the inverse on the moving grid (``p_fixed = q + v(q)``).
+    """
+
+    displacement: sitk.Image
+    affine: sitk.Transform
+    warped: sitk.Image
+    alignment: AlignmentResult | None = None
+    inverse_displacement: sitk.Image | None = None
+    timings: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
+    losses: dict = field(default_factory=dict)
+    device: str = "cpu"
+    warnings: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"settings": self.settings, "device": self.device,
+                "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
+                "losses": {k: round(v, 6) for k, v in self.losses.items()},
+                "alignment": None if self.alignment is None else self.alignment.to_dict(),
+                "warnings": list(self.warnings)}
+
+
+def _check_input(image, role: str, dimension_only: bool = False) -> None:
+    from ..imaging.validation import check_volume
+
+    if not isinstance(image, sitk.Image):
+        raise InvalidImageError(f"the {role} image must be a SimpleITK image, got {type(image).__name__}")
+    if dimension_only:
+        return
+    check_volume(image, expect_ct=False)  # 2D/4D, empty, constant, NaN, vector: clear errors
+
+
+def working_grid(fixed: sitk.Image, spacing: float | None = None, max_voxels: int = MAX_WORKING_VOXELS) -> sitk.Image:
+    """An empty float image on the isotropic working grid over the fixed image (same direction, same extent)."""
+    fixed_spacing = np.asarray(fixed.GetSpacing(), float)
+    size = np.asarray(fixed.GetSize(), float)
+    extent = fixed_spacing * size  # from the first voxel's outer face to the last one's
+    if spacing is None:
+        spacing = max(float(fixed_spacing.min()), float(np.cbrt(np.prod(extent) / max_voxels)))
+    spacing = float(spacing)
+    if not (math.isfinite(spacing) and spacing > 0):
+        raise ValueError(f"the working spacing must be a positive number of mm, got {spacing}")
+    count = np.maximum(2, np.ceil(extent / spacing - 1e-6)).astype(int)
+    direction = np.asarray(fixed.GetDirection(), float).reshape(3, 3)
+    # centre the working grid on the fixed extent
+    first = (extent - count * spacing) / 2.0 + spacing / 2.0 - fixed_spacing / 2.0
+    grid = sitk.Image([int(n) for n in count], sitk.sitkFloat32)
+    grid.SetSpacing([spacing] * 3)
+    grid.SetDirection(fixed.GetDirection())
+    grid.SetOrigin(tuple(np.asarray(fixed.GetOrigin(), float) + direction @ first))
+    return grid
+
+
+def _resample(image, grid, transform=None, interpolator=sitk.sitkLinear, default=None):
+    default = float(np.min(sitk.GetArrayViewFromImage(image))) if default is None else float(default)
+    return sitk.Resample(sitk.Cast(image, sitk.sitkFloat32), grid, transform or sitk.Transform(3, sitk.sitkIdentity),
+                         interpolator, default, sitk.sitkFloat32)
+
+
+def _dilate(mask: sitk.Image, margin_mm: float) -> sitk.Image:
+    radius = [max(1, int(round(margin_mm / s))) for s in mask.GetSpacing()]
+    return sitk.BinaryDilate(sitk.Cast(mask, sitk.sitkUInt8), radius, sitk.sitkBall)
+
+
+def _feature_volume(features, image: sitk.Image, device: str):
+    """Call the user's feature extractor and bring its output to (1, C, Z, Y, X) on the working grid."""
+    import torch
+    import torch.nn.functional as F
+
+    out = features(image)
+    if isinstance(out, sitk.Image):
+        out = sitk.GetArrayFromImage(out)  # (Z, Y, X, C) for vector images
+        out = np.moveaxis(out, -1, 0) if out.ndim == 4 else out[None]
+    if isinstance(out, np.ndarray):
+        out = torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))
+    if not isinstance(out, torch.Tensor):
+        raise InvalidImageError(f"the feature extractor returned {type(out).__name__}: it must return an array or "
+                                "tensor (C, Z, Y, X) over the image it is given")
+    out = out.float()
+    if out.dim() == 3:
+        out = out[None]
+    if out.dim() == 4:
+        out = out[None]
+    if out.dim() != 5 or out.shape[0] != 1:
+        raise InvalidImageError(f"the feature extractor returned shape {tuple(out.shape)}: expected (C, Z, Y, X)")
+    shape = tuple(image.GetSize())[::-1]
+    out = out.to(device)
+    if tuple(out.shape[2:]) != shape:  # coarser features over the same extent
+        out = F.interpolate(out, size=shape, mode="trilinear", align_corners=False)
+    if not bool(torch.isfinite(out).all()):
+        raise InvalidImageError("the feature extractor returned NaN or infinite values")
+    return out
+
+
+def register(fixed: sitk.Image, moving: sitk.Image, method: str = "mind", smoothness: float = 1.0,
+             fixed_mask: sitk.Image | None = None, inverse_consistency: bool = False, device: str = "auto",
+             progress=None, features=None, alignment: str = "affine", settings: ConvexAdamSettings | None = None,
+             working_spacing: float | None = None, mind_radius: int = 1, mind_dilation: int = 2, seed: int = 0,
+             body_margin_mm: float | None = BODY_MARGIN_MM, alignment_threads: int | None = 1) -> RegistrationResult:
+    """Register ``moving`` to ``fixed``: initial alignment, then ConvexAdam on MIND-SSC and/or supplied features.
+
+    ``method``: "mind", "features" (needs ``features``) or "both". ``features``: a callable taking a SimpleITK image
+    on the working grid and returning a feature volume (C, Z', Y', X') over the same extent (resized if coarser).
+    ``smoothness``: 0 .. 10, 1 default (see :mod:`.convex_adam`). ``fixed_mask``: region of interest on the fixed
+    grid (used by the alignment metric and to weight the deformable data terms). ``alignment``: last initial stage
+    to run ("none", "moments", "translation", "rigid", "affine"). ``settings``: ConvexAdam settings (its smoothness
+    and inverse consistency are replaced by the arguments here). ``device``: "auto", "cpu", "cuda[:N]", "mps"; out of
+    GPU memory falls back to the CPU with a warning. ``body_margin_mm``: the data terms count only inside both
+    bodies dilated by this margin (None or 0: everywhere the moving image has data). ``progress(fraction, text)``: whatever it raises propagates
+    (cancel). Same inputs and seed on the CPU give the same field.
+    """
+    import torch
+
+    from ..device import resolve_device
+    from .mind import mind_ssc
+
+    clock = time.perf_counter()
+    if method not in METHODS:
+        raise ValueError(f"unknown registration method '{method}': use {', '.join(METHODS)}")
+    if method in ("features", "both") and features is None:
+        raise ValueError(f"method '{method}' needs a feature extractor: pass features=callable(image) -> (C, Z, Y, X)")
+    if alignment not in ALIGNMENTS:
+        raise ValueError(f"unknown alignment '{alignment}': use {', '.join(ALIGNMENTS)}")
+    _check_input(fixed, "fixed")
+    _check_input(moving, "moving")
+    mask = None
+    if fixed_mask is not None:
+        _check_input(fixed_mask, "fixed mask", dimension_only=True)
+        if fixed_mask.GetDimension() != 3 or not same_grid(fixed_mask, fixed):
+            raise InvalidImageError("the fixed mask does not lie on the fixed image's grid (size, spacing, origin and "
+                                    "direction must match): resample it onto the fixed image first")
+        mask = sitk.Cast(sitk.NotEqual(fixed_mask, 0), sitk.sitkUInt8)
+        if not np.any(sitk.GetArrayViewFromImage(mask)):
+            raise InvalidImageError("the fixed mask is empty: give a mask with the region to register, or none")
+    settings = replace(settings or ConvexAdamSettings(), smoothness=float(smoothness),
+                       inverse_consistency=bool(inverse_consistency), seed=int(seed))
+    device = resolve_device(device)
+    warnings = []
+    if looks_like_ct(fixed) != looks_like_ct(moving):
+        warnings.append("one image looks like CT and the other does not: MIND-SSC and mutual information cope with "
+                        "different modalities, but check the result closely")
+
+    def report(lo, hi):
+        if progress is None:
+            return None
+        return lambda fraction, text: progress(lo + (hi - lo) * float(fraction), text)
+
+    timings = {}
+    # 1. initial alignment
+    stages = () if alignment == "none" else STAGES[:STAGES.index(alignment) + 1]
+    aligned = align(fixed, moving, stages=stages, fixed_mask=mask, seed=seed, threads=alignment_threads,
+                    progress=report(0.0, 0.3))
+    timings["alignment_s"] = aligned.seconds
+    if stages and aligned.body_overlap is not None and aligned.body_overlap < MIN_BODY_OVERLAP:
+        raise AlignmentError(
+            f"after alignment the two bodies barely overlap ({aligned.body_overlap:.0%} of the smaller one): "
+            "the images do not seem to show the same body region; check the pair, or crop both to a common region"
+        )
+    transform = aligned.transform
+
+    # 2. working grid
+    begin = time.perf_counter()
+    grid = working_grid(fixed, working_spacing)
+    fixed_w = _resample(fixed, grid)
+    moving_w = _resample(moving, grid, transform)
+    # Data-term weights on each side; elsewhere the field follows the smoothness penalty alone. The moving side is
+    # where the moving image has data once aligned; with body_margin_mm, both sides are also limited to their body
+    # dilated by the margin, so anatomy one scan lacks (shoulders cut off by a small field of view, or removed by
+    # masking) is not squeezed into the other scan's air.
+    inside = sitk.Image(moving.GetSize(), sitk.sitkUInt8) + 1
+    inside.CopyInformation(moving)
+    fixed_region = mask
+    moving_region = inside
+    if body_margin_mm:
+        fixed_body = _dilate(body_mask(fixed), body_margin_mm)
+        fixed_region = fixed_body if fixed_region is None else sitk.And(fixed_region, fixed_body)
+        moving_region = sitk.And(moving_region, _dilate(body_mask(moving), body_margin_mm))
+    weight = None if fixed_region is None else torch.from_numpy(
+        sitk.GetArrayFromImage(_resample(fixed_region, grid, default=0.0)))
+    moving_valid = torch.from_numpy(sitk.GetArrayFromImage(_resample(moving_region, grid, transform, default=0.0)))
+    import os
+    if os.environ.get("NOVALID"): moving_valid = None
+    timings["resample_s"] = time.perf_counter() - begin
+
+    # 3. features
+    begin = time.perf_counter()
+    if progress is not None:
+        progress(0.3, f"features: {method}")
+    pairs = []
+    if method in ("mind", "both"):
+        pairs.append((mind_ssc(fixed_w, mind_radius, mind_dilation, device=device),
+                      mind_ssc(moving_w, mind_radius, mind_dilation, device=device)))
+    if method in ("features", "both"):
+        pairs.append((_feature_volume(features, fixed_w, device), _feature_volume(features, moving_w, device)))
+        if pairs[-1][0].shape != pairs[-1][1].shape:
+            raise InvalidImageError("the feature extractor returned different channel counts for the two images")
+    feat_f, feat_m = pairs[0] if len(pairs) == 1 else combine_features(pairs)
+    timings["features_s"] = time.perf_counter() - begin
+
+    # 4. deformable
+    begin = time.perf_counter()
+    try:
+        found = convex_adam(feat_f, feat_m, settings, mask=weight, moving_mask=moving_valid, device=device,
+                            progress=report(0.4, 0.95))
+    except torch.cuda.OutOfMemoryError:
+        warnings.append(f"out of GPU memory on {device}: the deformable step ran on the CPU")
+        device = "cpu"
+        torch.cuda.empty_cache()
+        found = convex_adam(feat_f.cpu(), feat_m.cpu(), settings, mask=weight, moving_mask=moving_valid,
+                            device="cpu", progress=report(0.4, 0.95))
+    timings["deformable_s"] = time.perf_counter() - begin
+    timings.update({f"deformable_{k}": v for k, v in found.timings.items()})
+
+    # 5. fields on the fixed grid
+    begin = time.perf_counter()
+    if progress is not None:
+        progress(0.95, "fields: composing and warping")
+    deformable = voxel_grid_to_field(found.forward, grid)
+    total = compose(transform, deformable, fixed)
+    warped = warp_image(moving, total)
+    inverse = None
+    if found.backward is not None:
+        inverse = compose(transform.GetInverse(), voxel_grid_to_field(found.backward, grid), moving, field_first=False)
+    timings["fields_s"] = time.perf_counter() - begin
+    timings["total_s"] = time.perf_counter() - clock
+    if progress is not None:
+        progress(1.0, "registration done")
+    summary = {"method": method, "smoothness": float(smoothness), "inverse_consistency": bool(inverse_consistency),
+               "alignment": alignment, "working_spacing_mm": float(grid.GetSpacing()[0]),
+               "working_size": list(grid.GetSize()), "mind_radius": mind_radius, "mind_dilation": mind_dilation,
+               "fixed_mask": mask is not None, "body_margin_mm": body_margin_mm, "convex_adam": settings.to_dict(), "seed": seed,
+               "feature_channels": int(feat_f.shape[1])}
+    return RegistrationResult(displacement=total, affine=transform, warped=warped, alignment=aligned,
+                              inverse_displacement=inverse, timings=timings, settings=summary, losses=found.losses,
+                              device=device, warnings=warnings)
