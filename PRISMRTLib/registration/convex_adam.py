@@ -56,6 +56,8 @@ class ConvexAdamSettings:
     inverse_consistency: bool = False
     ic_weight: float = 0.5  # Adam step with inverse consistency: weight of |u_f + u_b o (id + u_f)|^2
     symmetrise_iterations: int = 15
+    diffeomorphic: bool = False  # Adam step: the parameter is a stationary velocity, u = exp(v) by scaling and squaring
+    squaring_steps: int = 6
     seed: int = 0
 
     def __post_init__(self):
@@ -142,6 +144,16 @@ def symmetrise(forward, backward, iterations: int = 15):
         forward, backward = (0.5 * (forward - warp(backward, forward, grid)),
                              0.5 * (backward - warp(forward, backward, grid)))
     return forward, backward
+
+
+def exponentiate(velocity, steps: int = 6, grid=None):
+    """Displacement of the flow of a stationary velocity field for unit time (scaling and squaring)."""
+    if grid is None:
+        grid = identity_grid(velocity.shape[2:], velocity.device, velocity.dtype)
+    disp = velocity / (2 ** int(steps))
+    for _ in range(int(steps)):
+        disp = compose_grids(disp, disp, grid)
+    return disp
 
 
 def inverse_consistency_error(forward, backward):
@@ -396,14 +408,18 @@ def convex_adam(fixed_features, moving_features, settings: ConvexAdamSettings | 
     optimiser = torch.optim.Adam(params, lr=float(settings.learning_rate))
     losses = {}
     iterations = int(settings.iterations)
+    def displacement(param):
+        smooth = _box3(param, 3)
+        return exponentiate(smooth, settings.squaring_steps, grid) if settings.diffeomorphic else smooth
+
     for step in range(iterations):
         optimiser.zero_grad(set_to_none=True)
-        disp_f = _box3(params[0], 3)
+        disp_f = displacement(params[0])
         data = _data_term(fix_a, mov_a, disp_f, grid, _weights(w_a, wm_a, disp_f, grid))
         reg = _diffusion(disp_f)
         loss = data + lam * reg
         if start_b is not None:
-            disp_b = _box3(params[1], 3)
+            disp_b = displacement(params[1])
             data_b = _data_term(mov_a, fix_a, disp_b, grid, _weights(wm_a, w_a, disp_b, grid))
             ic = (compose_grids(disp_f, disp_b, grid) ** 2).sum(1).mean() + \
                  (compose_grids(disp_b, disp_f, grid) ** 2).sum(1).mean()
@@ -415,12 +431,12 @@ def convex_adam(fixed_features, moving_features, settings: ConvexAdamSettings | 
         if progress is not None and (step % 5 == 4 or step == iterations - 1):
             report(0.2 + 0.75 * (step + 1) / max(iterations, 1), f"deformable: Adam step {step + 1}/{iterations}")
     with torch.no_grad():
-        disp_f = _box3(params[0], 3)
+        disp_f = displacement(params[0])
         losses["data"] = float(_data_term(fix_a, mov_a, disp_f, grid, _weights(w_a, wm_a, disp_f, grid)))
         losses["diffusion"] = float(_diffusion(disp_f))
         disp_b = None
         if start_b is not None:
-            disp_b = _box3(params[1], 3)
+            disp_b = displacement(params[1])
             disp_f, disp_b = symmetrise(disp_f, disp_b, settings.symmetrise_iterations)
             losses["inverse_consistency_voxels"] = inverse_consistency_error(disp_f, disp_b) * ga
         timings["adam_s"] = time.perf_counter() - clock
