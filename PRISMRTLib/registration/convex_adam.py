@@ -11,22 +11,31 @@ Learn2Reg 2021 / MICCAI 2021 workshops; IEEE TMI 2024 "ConvexAdam"):
 2. **Adam instance optimisation** of a dense displacement on a grid of ``adam_grid_spacing`` voxels, started from
    step 1: feature SSD (trilinear sampling of the moving features) plus ``lambda * diffusion``, where the displacement
    is the parameter passed through three 3x3x3 box filters (a quadratic-B-spline-like smoothing).
+3. **Exponentiation** (``exponentiate_result``, on by default; not in ConvexAdam): the displacement found is taken
+   as a stationary velocity field and integrated by scaling and squaring, which unfolds it. On six inter-patient
+   OpenKBP pairs, folding (det J <= 0 on the fixed grid) fell from 0.32 % (1.07 % at worst) to 0.000 % at the same
+   cost and organ Dice 0.517 -> 0.514. ``diffeomorphic=True`` optimises through the exponential instead (0.509 Dice,
+   0.014 % folding, about 20 % slower on the CPU).
 
 The displacement here is a voxel grid (1, 3, Z, Y, X) on the working grid, components along the index axes
 (i, j, k) (see :mod:`.field`): ``fixed(x) ~ moving(x + u(x))``.
 
 **Smoothness** (``ConvexAdamSettings.smoothness``, the user-facing control): the weight of the diffusion penalty
-(the mean squared spatial derivative of the displacement, a dimensionless quantity, so its meaning does not change
-with the grid) relative to the feature mismatch, as a multiple of the default. 1 is the default, tuned on
-inter-patient head-and-neck CT; 0.25-0.5 follows local anatomy more closely (more risk of folding); 2-4 gives
-stiffer, smoother fields; about 10 and above stays close to the initial affine. 0 removes the penalty (only the
-built-in box smoothing remains). Useful range 0-10.
+(the mean squared spatial derivative of the displacement: dimensionless, so its meaning does not change with the
+grid) relative to the feature mismatch, as a multiple of the default (``lambda = 4 * smoothness`` on normalised
+features). Range 0-10: 1 is the default, tuned on inter-patient head-and-neck CT; 0.25-0.5 follows local anatomy
+more closely (more of the field is then unfolded by step 3, and noise is followed too); 2-4 gives stiffer,
+smoother fields (organ Dice on those pairs: 0.52 at 1, 0.49 at 2, before step 3); about 10 and above stays close to
+the initial affine. 0 removes the penalty (only the built-in box smoothing remains).
 
-Differences from the ``convexAdam`` package (0.2.0, the reference): features of any channel count are normalised
-first (:func:`normalise_features`) so one ``lambda`` fits MIND-SSC, backbone features and both; replicate instead of
-zero padding (no pull towards zero displacement at the volume's edges); an optional mask weights the data terms;
-inverse consistency is also kept during the Adam step (both directions optimised with an inverse-consistency
-penalty, then symmetrised) instead of only after the convex step; progress/cancel; integer grids padded, not cropped.
+Differences from the ``convexAdam`` package (0.2.0, the reference; its MIND-SSC matches :mod:`.mind` to 1e-7):
+features of any channel count are normalised first (:func:`normalise_features`) so one ``lambda`` fits MIND-SSC,
+backbone features and both; replicate instead of zero padding (no pull towards zero displacement at the volume's
+edges); ties in the cost volume (cells without data) go to the smallest displacement, not the first candidate;
+optional masks weight the data terms on each side; inverse consistency is also kept during the Adam step (both
+directions optimised with an inverse-consistency penalty, then symmetrised) instead of only after the convex step;
+step 3; progress/cancel; grids padded to whole cells, not cropped; an isotropic working grid chosen by the pipeline
+instead of the image's own voxels.
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ from dataclasses import asdict, dataclass, field
 from ..errors import InvalidImageError
 
 # Default diffusion weight for smoothness = 1, on normalised features (measured on OpenKBP pairs).
-BASE_LAMBDA = 2.0
+BASE_LAMBDA = 4.0
 COUPLING = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 
 
@@ -57,6 +66,7 @@ class ConvexAdamSettings:
     ic_weight: float = 0.5  # Adam step with inverse consistency: weight of |u_f + u_b o (id + u_f)|^2
     symmetrise_iterations: int = 15
     diffeomorphic: bool = False  # Adam step: the parameter is a stationary velocity, u = exp(v) by scaling and squaring
+    exponentiate_result: bool = True  # after Adam: take the found displacement as a velocity and use its exp
     squaring_steps: int = 6
     seed: int = 0
 
@@ -168,7 +178,9 @@ def _as_features(volume, name):
     if isinstance(volume, np.ndarray):
         volume = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))
     if not isinstance(volume, torch.Tensor):
-        raise InvalidImageError(f"the {name} features must be a tensor or array (C, Z, Y, X), got {type(volume).__name__}")
+        raise InvalidImageError(
+            f"the {name} features must be a tensor or array (C, Z, Y, X), got {type(volume).__name__}"
+        )
     if volume.dim() == 4:
         volume = volume[None]
     if volume.dim() != 5 or volume.shape[0] != 1:
@@ -245,6 +257,8 @@ def cost_volume(fixed, moving, radius: int, weight=None):
 
 def coupled_convex(costs, radius: int, coupling=COUPLING, check=None):
     """Step 1 on a cost volume: a smooth displacement (1, 3, z, y, x) in cells."""
+    import torch
+
     candidates = _candidates(radius, costs.device, costs.dtype)  # (n^3, 3)
     shape = costs.shape[1:]
     flat = costs.reshape(costs.shape[0], -1)
@@ -258,8 +272,8 @@ def coupled_convex(costs, radius: int, coupling=COUPLING, check=None):
     for theta in coupling:
         if check is not None:
             check()
-        u = disp.reshape(3, -1)
-        coupled = flat + theta * (cand_sq - 2.0 * candidates @ u + (u ** 2).sum(0, keepdim=True))
+        # argmin_d cost(d) + theta |d - u|^2; |u|^2 is the same for every d and is left out
+        coupled = torch.addmm(flat + theta * cand_sq, candidates, disp.reshape(3, -1), alpha=-2.0 * theta)
         disp = smoothed(coupled.argmin(0))
     return disp
 
@@ -269,6 +283,28 @@ def coupled_convex(costs, radius: int, coupling=COUPLING, check=None):
 def _diffusion(disp):
     return (((disp[:, :, 1:] - disp[:, :, :-1]) ** 2).mean() + ((disp[:, :, :, 1:] - disp[:, :, :, :-1]) ** 2).mean()
             + ((disp[:, :, :, :, 1:] - disp[:, :, :, :, :-1]) ** 2).mean())
+
+
+def jacobian_determinant_grid(disp):
+    """det(I + du/dx) of a voxel displacement (1, 3, Z, Y, X) on an isotropic grid, central differences inside
+    (Z-2, Y-2, X-2)."""
+    # du_c / d(axis): components c = (i, j, k); array axes 4, 3, 2 are i, j, k
+    def d(c, axis):
+        a = disp[:, c]
+        n = a.shape[axis - 1]
+        diff = (a.narrow(axis - 1, 2, n - 2) - a.narrow(axis - 1, 0, n - 2)) / 2.0
+        for other in (1, 2, 3):
+            if other != axis - 1:
+                diff = diff.narrow(other, 1, a.shape[other] - 2)
+        return diff
+
+    g = [[d(c, axis) + (1.0 if c == b else 0.0) for b, axis in enumerate((4, 3, 2))] for c in range(3)]
+    return (g[0][0] * (g[1][1] * g[2][2] - g[1][2] * g[2][1]) - g[0][1] * (g[1][0] * g[2][2] - g[1][2] * g[2][0])
+            + g[0][2] * (g[1][0] * g[2][1] - g[1][1] * g[2][0]))
+
+
+def _folding_percent(disp) -> float:
+    return 100.0 * float((jacobian_determinant_grid(disp) <= 0).float().mean())
 
 
 def _data_term(fixed, moving, disp, grid, weight):
@@ -286,16 +322,12 @@ def _product(a, b):
 
 def _weights(own, other, disp, grid):
     """Data weights of one side: its own mask, times the other side's mask where its voxels land."""
-    if other is None:
-        return own
-    with torch_no_grad():
-        return _product(own, warp(other, disp.detach(), grid))
-
-
-def torch_no_grad():
     import torch
 
-    return torch.no_grad()
+    if other is None:
+        return own
+    with torch.no_grad():
+        return _product(own, warp(other, disp.detach(), grid))
 
 
 # ---- the whole ---------------------------------------------------------------------------------------------------
@@ -324,9 +356,21 @@ def convex_adam(fixed_features, moving_features, settings: ConvexAdamSettings | 
     Deterministic on the CPU; on CUDA grid_sample's backward pass sums with atomics (last digits may vary).
     """
     import torch
+
+    # the Adam step needs autograd even when called under torch.inference_mode() (e.g. from a feature pipeline)
+    with torch.inference_mode(False), torch.enable_grad():
+        return _convex_adam(fixed_features, moving_features, settings, mask, moving_mask, device, progress, normalise)
+
+
+def _convex_adam(fixed_features, moving_features, settings, mask, moving_mask, device, progress, normalise):
+    import torch
     import torch.nn.functional as F
 
     settings = settings or ConvexAdamSettings()
+    if isinstance(fixed_features, torch.Tensor) and fixed_features.is_inference():
+        fixed_features = fixed_features.clone()
+    if isinstance(moving_features, torch.Tensor) and moving_features.is_inference():
+        moving_features = moving_features.clone()
     fixed = _as_features(fixed_features, "fixed")
     moving = _as_features(moving_features, "moving")
     if fixed.shape != moving.shape:
@@ -337,10 +381,11 @@ def convex_adam(fixed_features, moving_features, settings: ConvexAdamSettings | 
     if not (bool(torch.isfinite(fixed).all()) and bool(torch.isfinite(moving).all())):
         raise InvalidImageError("the feature volumes hold NaN or infinite values")
     shape = tuple(fixed.shape[2:])
+
     def as_weight(values, name):
         if values is None:
             return None
-        values = torch.as_tensor(values).float()
+        values = torch.as_tensor(values).float().clone()
         if tuple(values.shape[-3:]) != shape or values.numel() != math.prod(shape):
             raise InvalidImageError(f"the {name} {tuple(values.shape)} does not match the features {shape}")
         values = values.reshape(1, 1, *shape).clamp(0, 1)
@@ -408,6 +453,7 @@ def convex_adam(fixed_features, moving_features, settings: ConvexAdamSettings | 
     optimiser = torch.optim.Adam(params, lr=float(settings.learning_rate))
     losses = {}
     iterations = int(settings.iterations)
+
     def displacement(param):
         smooth = _box3(param, 3)
         return exponentiate(smooth, settings.squaring_steps, grid) if settings.diffeomorphic else smooth
@@ -424,6 +470,7 @@ def convex_adam(fixed_features, moving_features, settings: ConvexAdamSettings | 
             ic = (compose_grids(disp_f, disp_b, grid) ** 2).sum(1).mean() + \
                  (compose_grids(disp_b, disp_f, grid) ** 2).sum(1).mean()
             loss = loss + data_b + lam * _diffusion(disp_b) + settings.ic_weight * ic
+
         loss.backward()
         optimiser.step()
         if step == 0:
@@ -432,13 +479,18 @@ def convex_adam(fixed_features, moving_features, settings: ConvexAdamSettings | 
             report(0.2 + 0.75 * (step + 1) / max(iterations, 1), f"deformable: Adam step {step + 1}/{iterations}")
     with torch.no_grad():
         disp_f = displacement(params[0])
-        losses["data"] = float(_data_term(fix_a, mov_a, disp_f, grid, _weights(w_a, wm_a, disp_f, grid)))
-        losses["diffusion"] = float(_diffusion(disp_f))
-        disp_b = None
-        if start_b is not None:
-            disp_b = displacement(params[1])
+        disp_b = None if start_b is None else displacement(params[1])
+        losses["data_adam"] = float(_data_term(fix_a, mov_a, disp_f, grid, _weights(w_a, wm_a, disp_f, grid)))
+        losses["folding_adam_percent"] = _folding_percent(disp_f)
+        if settings.exponentiate_result and not settings.diffeomorphic:
+            disp_f = exponentiate(disp_f, settings.squaring_steps, grid)
+            disp_b = None if disp_b is None else exponentiate(disp_b, settings.squaring_steps, grid)
+        if disp_b is not None:
             disp_f, disp_b = symmetrise(disp_f, disp_b, settings.symmetrise_iterations)
             losses["inverse_consistency_voxels"] = inverse_consistency_error(disp_f, disp_b) * ga
+        losses["data"] = float(_data_term(fix_a, mov_a, disp_f, grid, _weights(w_a, wm_a, disp_f, grid)))
+        losses["diffusion"] = float(_diffusion(disp_f))
+        losses["folding_percent"] = _folding_percent(disp_f)
         timings["adam_s"] = time.perf_counter() - clock
 
         def full(disp):

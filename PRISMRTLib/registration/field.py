@@ -188,7 +188,7 @@ def warp_image(image: sitk.Image, field: sitk.Image, interpolator: str = "linear
 
 
 def warp_label(label: sitk.Image, field: sitk.Image) -> sitk.Image:
-    """A label map or mask warped like :func:`warp_image` with nearest-neighbour lookup (labels stay labels; 0 outside)."""
+    """A label map or mask warped like :func:`warp_image`, nearest neighbour (labels stay labels; 0 outside)."""
     return warp_image(label, field, interpolator="nearest", default_value=0.0)
 
 

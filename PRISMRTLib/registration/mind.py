@@ -57,7 +57,9 @@ def as_volume_tensor(volume, device="cpu", dtype=None):
             f"MIND-SSC needs a 3D volume, got an array of shape {tuple(volume.shape)}: give one 3D volume"
         )
     if min(volume.shape) < 2:
-        raise InvalidImageError(f"the volume of shape {tuple(volume.shape)} is too thin: it needs at least 2 voxels per axis")
+        raise InvalidImageError(
+            f"the volume of shape {tuple(volume.shape)} is too thin: it needs at least 2 voxels per axis"
+        )
     volume = volume.to(device=device, dtype=dtype)
     if not bool(torch.isfinite(volume).all()):
         raise InvalidImageError("the volume holds NaN or infinite values: fix or mask them before registration")

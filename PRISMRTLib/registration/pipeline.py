@@ -32,7 +32,9 @@ METHODS = ("mind", "features", "both")
 ALIGNMENTS = ("none",) + STAGES  # "affine" runs every stage up to and including it
 MAX_WORKING_VOXELS = 2_500_000
 MIN_BODY_OVERLAP = 0.3
-BODY_MARGIN_MM = 15.0  # below this after alignment the images do not show the same region
+# Off by default: limiting the data terms to both bodies (15 mm margin) lowered organ Dice on OpenKBP pairs
+# (0.48 and 0.45 against 0.50 and 0.52 on two pairs): the skin-air outline is a useful cue.
+BODY_MARGIN_MM = None  # below this after alignment the images do not show the same region
 
 
 @dataclass
@@ -149,8 +151,9 @@ def register(fixed: sitk.Image, moving: sitk.Image, method: str = "mind", smooth
     to run ("none", "moments", "translation", "rigid", "affine"). ``settings``: ConvexAdam settings (its smoothness
     and inverse consistency are replaced by the arguments here). ``device``: "auto", "cpu", "cuda[:N]", "mps"; out of
     GPU memory falls back to the CPU with a warning. ``body_margin_mm``: the data terms count only inside both
-    bodies dilated by this margin (None or 0: everywhere the moving image has data). ``progress(fraction, text)``: whatever it raises propagates
-    (cancel). Same inputs and seed on the CPU give the same field.
+    bodies dilated by this margin (None or 0, the default: wherever the moving image has data).
+    ``progress(fraction, text)``: whatever it raises propagates (cancel). Same inputs and seed on the CPU give the
+    same field.
     """
     import torch
 
@@ -221,8 +224,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, method: str = "mind", smooth
     weight = None if fixed_region is None else torch.from_numpy(
         sitk.GetArrayFromImage(_resample(fixed_region, grid, default=0.0)))
     moving_valid = torch.from_numpy(sitk.GetArrayFromImage(_resample(moving_region, grid, transform, default=0.0)))
-    import os
-    if os.environ.get("NOVALID"): moving_valid = None
+
     timings["resample_s"] = time.perf_counter() - begin
 
     # 3. features
@@ -271,7 +273,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, method: str = "mind", smooth
     summary = {"method": method, "smoothness": float(smoothness), "inverse_consistency": bool(inverse_consistency),
                "alignment": alignment, "working_spacing_mm": float(grid.GetSpacing()[0]),
                "working_size": list(grid.GetSize()), "mind_radius": mind_radius, "mind_dilation": mind_dilation,
-               "fixed_mask": mask is not None, "body_margin_mm": body_margin_mm, "convex_adam": settings.to_dict(), "seed": seed,
+               "fixed_mask": mask is not None, "body_margin_mm": body_margin_mm, "convex_adam": settings.to_dict(),
+               "seed": seed,
                "feature_channels": int(feat_f.shape[1])}
     return RegistrationResult(displacement=total, affine=transform, warped=warped, alignment=aligned,
                               inverse_displacement=inverse, timings=timings, settings=summary, losses=found.losses,

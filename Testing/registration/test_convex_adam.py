@@ -1,4 +1,4 @@
-"""MIND-SSC and the ConvexAdam optimiser on feature volumes: sign, recovery, inverse consistency, cancel, determinism."""
+"""MIND-SSC and the ConvexAdam optimiser on feature volumes: sign, recovery, inverse consistency, cancel, repeats."""
 
 from __future__ import annotations
 
