@@ -20,6 +20,7 @@ from .errors import PrismRTError
 
 # kept here, not imported, so that parsing arguments loads no model code (PRISMRTLib.features imports torch)
 BACKEND_CHOICES = ("auto", "prismrt", "teachers")
+EVAL_REG_METHODS = ("mind", "features", "both", "affine", "elastix-affine", "elastix-bspline")
 DEFAULT_HELP = ("auto = the distilled student ('prismrt') when one is installed, otherwise the teachers "
                 "(delineation: LiteMedSAM, fine-tuned for clicks when that model is present)")
 MODES_CHOICES = ("2d", "3d")  # segmentation.evaluation.MODES
@@ -153,7 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("moving", type=_existing_path)
     p.add_argument("--method", choices=("mind", "features", "both"), default="mind",
                    help="what the deformable step matches: MIND-SSC descriptors (default), the backbone's dense "
-                        "features, or both (features: not in this version)")
+                        "features (slices in three orientations, PCA-reduced; a GPU method for large backbones), "
+                        "or both")
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help="features/both: " + DEFAULT_HELP)
+    p.add_argument("--model", help="features/both: the backbone's model (a name or bundle folder)")
+    p.add_argument("--feature-role", choices=("auto", "dino", "sam", "clip"), default="auto",
+                   help="features/both: which teacher's features (auto: dino when the model has one, else sam)")
+    p.add_argument("--slice-step", type=int, default=1, metavar="N",
+                   help="features/both: run the backbone on every N-th slice, interpolate between (faster on a CPU)")
     p.add_argument("--smoothness", type=float, default=1.0,
                    help="0 (follows the images closely) .. 10 (very smooth); default 1")
     p.add_argument("--fixed-mask", type=_existing_path, help="region of interest on the fixed image (mask file)")
@@ -172,6 +180,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="QA tolerance for folding (det J <= 0) in the body, in %% of voxels (default 0.1; TG-132's "
                         "strict reading: 0)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser(
+        "eval-reg", parents=[common], help="evaluate registration against itk-elastix on the same pairs",
+        description="Every method on the same cases: OpenKBP inter-patient pairs (organ Dice, HD95 after warping the "
+                    "moving patient's organs), synthetic smooth deformations of real CTs with a known field (TRE at "
+                    "500 body points against TG-132's 2 mm mean / 5 mm max), and an MR pair (NCC). Folding, SDlogJ "
+                    "and CPU time for each. The peer (elastix-affine, elastix-bspline) needs itk-elastix "
+                    "(pip install itk-elastix); without it those rows say so.",
+    )
+    p.add_argument("--openkbp", type=_existing_path, metavar="FOLDER",
+                   help="OpenKBP patients (e.g. ../shared/data/openkbp/validation-pats): consecutive pairs")
+    p.add_argument("--pairs", type=int, default=3, help="how many OpenKBP pairs (default 3)")
+    p.add_argument("--synthetic", action="append", default=[], type=_existing_path, metavar="CT|FOLDER",
+                   help="a real CT to deform with a known smooth field (repeatable)")
+    p.add_argument("--mr", nargs=2, type=_existing_path, metavar=("FIXED", "MOVING"), help="an MR pair, no labels")
+    p.add_argument("--method", action="append", choices=EVAL_REG_METHODS, default=None,
+                   help="repeatable; default: mind, affine, elastix-affine, elastix-bspline")
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help="features/both: " + DEFAULT_HELP)
+    p.add_argument("--model", help="features/both: the backbone's model")
+    p.add_argument("--feature-role", choices=("auto", "dino", "sam", "clip"), default="auto")
+    p.add_argument("--slice-step", type=int, default=1, metavar="N")
+    p.add_argument("--smoothness", type=float, default=1.0)
+    p.add_argument("--threads", type=int, default=None, help="elastix threads (default: all)")
+    p.add_argument("--out", required=True, type=Path, help="output folder for results.json and results.md")
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("ask", parents=[common], help="answer a free-text question about a CT")
@@ -606,7 +639,7 @@ def cmd_eval_seg(args) -> int:
         text += "\n\nPaired Wilcoxon signed-rank test of DSC over (case, structure) pairs:\n\n"
         text += "| comparison | n | p |\n|---|---|---|\n" + "\n".join(
             f"| {k} | {v['n']} | {v['p_value']:.3g} |" for k, v in tests.items())
-    payload = {"command": "prismrt " + " ".join(sys.argv[1:]) if sys.argv else "", "methods": labels,
+    payload = {"command": "prismrt " + " ".join(args.argv), "methods": labels,
                "modes": modes, "first_prompts": firsts, "summary": rows, "wilcoxon_dice": tests,
                "seconds": timing, "cases": to_records(results)}
     write_results(args.out, payload, text)
@@ -651,14 +684,12 @@ def _structure_masks(paths) -> dict:
 def cmd_register(args) -> int:
     from .registration.outputs import REGISTRATION_FILES
 
-    if args.method != "mind":
-        raise NotAvailableError(
-            f"--method {args.method} is not available in PRISM-RT {__version__}: it needs the backbone's dense features "
-            "for registration, which are not built yet; use --method mind")
     if not 0 <= args.smoothness <= 10:
         raise PrismRTError(f"--smoothness must be between 0 and 10, got {args.smoothness:g}")
     if (args.fixed_landmarks is None) != (args.moving_landmarks is None):
         raise PrismRTError("give both --fixed-landmarks and --moving-landmarks, or neither")
+    if args.slice_step < 1:
+        raise PrismRTError(f"--slice-step must be 1 or more, got {args.slice_step}")
     if args.max_folding < 0:
         raise PrismRTError("--max-folding is a percentage: 0 or more")
     if args.out.exists() and not args.out.is_dir():
@@ -690,15 +721,23 @@ def cmd_register(args) -> int:
             bar.set_description(text or "register", refresh=False)
             bar.update(int(round(100 * fraction)) - bar.n)
 
+    features = None
+    if args.method != "mind":
+        from .registration.backbone import BackboneFeatures
+
+        features = BackboneFeatures.from_model(args.model, args.backend, args.device, role=args.feature_role,
+                                               slice_step=args.slice_step)
     try:
         result = register(fixed, moving, method=args.method, smoothness=args.smoothness, fixed_mask=fixed_mask,
-                          inverse_consistency=args.inverse_consistency, device=args.device, progress=progress)
+                          inverse_consistency=args.inverse_consistency, device=args.device, progress=progress,
+                          features=features)
     finally:
         if bar is not None:
             bar.close()
     for warning in result.warnings:
         _warn(warning)
-    inputs = {"fixed": str(args.fixed), "moving": str(args.moving), "method": args.method,
+    inputs = {"fixed": str(args.fixed), "moving": str(args.moving),
+              "method": args.method if features is None else f"{args.method} ({features.describe()})",
               "smoothness": f"{args.smoothness:g}", "device": result.device,
               "time": f"{result.timings.get('total_s', 0.0):.0f} s"}
     report = write_registration(
@@ -709,6 +748,55 @@ def cmd_register(args) -> int:
     print(f"QA: {report.summary}")
     for reason in report.reasons:
         print(f"  - {reason}")
+    return 0
+
+
+def cmd_eval_reg(args) -> int:
+    import shlex
+
+    from .registration.evaluation import Case, evaluate, openkbp_pairs, synthetic_cases, write_results
+
+    methods = list(dict.fromkeys(args.method or ["mind", "affine", "elastix-affine", "elastix-bspline"]))
+    if not (args.openkbp or args.synthetic or args.mr):
+        raise PrismRTError("nothing to evaluate: give --openkbp FOLDER, --synthetic CT and/or --mr FIXED MOVING")
+    if args.pairs < 1 or args.slice_step < 1:
+        raise PrismRTError("--pairs and --slice-step must be 1 or more")
+    for name in ("results.json", "results.md"):
+        _check_output(args.out / name, args.overwrite)
+    cases = []
+    if args.openkbp:
+        cases += openkbp_pairs(args.openkbp, args.pairs)
+    cases += synthetic_cases(args.synthetic)
+    if args.mr:
+        cases.append(Case("mr", f"{args.mr[0].name}<-{args.mr[1].name}", args.mr[0], args.mr[1]))
+
+    def factory():
+        from .registration.backbone import BackboneFeatures
+
+        return BackboneFeatures.from_model(args.model, args.backend, args.device, role=args.feature_role,
+                                           slice_step=args.slice_step)
+
+    bar = _progress_bar(len(cases) * len(methods), "eval-reg", "run")
+
+    def progress(row):
+        if bar is not None:
+            bar.update(1)
+        score = (f"Dice {row['dice']:.3f}" if "dice" in row else f"TRE {row['tre_mean_mm']:.2f} / "
+                 f"{row['tre_max_mm']:.1f} mm" if "tre_mean_mm" in row else f"NCC {row.get('ncc_after', 0):.3f}")
+        print(f"{row['method']} {row['case']}: {score}, folding {row['folding_percent']:.3f} %, "
+              f"{row['cpu_s']:.0f} CPU s", flush=True)
+
+    try:
+        results = evaluate(cases, methods, features_factory=factory, smoothness=args.smoothness,
+                           device=args.device, threads=args.threads, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    command = "prismrt " + " ".join(shlex.quote(a) for a in args.argv)
+    write_results(results, args.out, command)
+    print(f"wrote {args.out}/results.md and results.json")
+    for method, why in results["skipped"].items():
+        _warn(f"{method} not run: {why}")
     return 0
 
 
@@ -725,6 +813,7 @@ COMMANDS = {
     "segment": cmd_segment,
     "eval-seg": cmd_eval_seg,
     "register": cmd_register,
+    "eval-reg": cmd_eval_reg,
     "ask": cmd_not_available,
     "models": cmd_models,
 }
@@ -783,7 +872,9 @@ def _run_quietly(command, args) -> int:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(_attach_negative_values(list(sys.argv[1:] if argv is None else argv)))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(_attach_negative_values(argv))
+    args.argv = argv  # what was typed, for the evaluation reports
     try:
         return _run_quietly(COMMANDS[args.command], args)
     except NotAvailableError as exc:

@@ -1,4 +1,4 @@
-"""The Slicer module's own code, one file per concern, so that each task (delineation now; registration and chat
+"""The Slicer module's own code, one file per concern, so that each task (delineation and registration now; chat
 next) adds a logic file and a section widget and touches nothing else:
 
 - ``library``: PRISMRTLib on first use (it is heavy and may not be installed yet when Slicer loads the module);
@@ -8,8 +8,11 @@ next) adds a logic file and a section widget and touches nothing else:
 - ``jobs``: a background runner (worker thread, progress, Cancel) whose results are applied on the GUI thread;
 - ``parameters``: the module's state in its parameter node, saved with the scene;
 - ``delineation``: the delineation logic and controller (MRML only, no Qt);
-- ``delineationSection``: the delineation section of the panel (Qt; thin: buttons to controller calls).
+- ``delineationSection``: the delineation section of the panel (Qt; thin: buttons to controller calls);
+- ``registration``: the registration logic and controller (MRML only): the field as a grid transform, the warped
+  volume and segments, the QA table, checkerboard and Jacobian views;
+- ``registrationSection``: the registration section of the panel (Qt, thin).
 
-Everything but ``delineationSection`` imports only MRML, VTK and NumPy, so it runs against ``slicer-core`` (the MRML
+Everything but the ``*Section`` files imports only MRML, VTK and NumPy, so it runs against ``slicer-core`` (the MRML
 library from PyPI, without the application), which is how ``Testing/module`` tests it.
 """

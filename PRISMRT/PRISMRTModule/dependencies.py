@@ -31,6 +31,7 @@ PYTORCH_EXTENSION = ("torch", "torchvision")
 # Top-level import name where it is not the distribution name with "-" and "." as "_" (canonical name -> import).
 IMPORT_NAMES = {
     "open-clip-torch": "open_clip",
+    "itk-elastix": "itk",
 }
 
 _NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?")

@@ -112,21 +112,27 @@ class FeatureBackend:
     def reference_letterbox(self, slice_shape, pixel_spacing) -> Letterbox:
         return Letterbox.fit(slice_shape, pixel_spacing, self.sam_input_size)
 
-    def encode(self, slices, pixel_spacing=(1.0, 1.0), *, sam_only: bool = False) -> SliceFeatures:
+    def encode(self, slices, pixel_spacing=(1.0, 1.0), *, sam_only: bool = False,
+               roles: "tuple[str, ...] | None" = None) -> SliceFeatures:
         """Features of a batch of slices (B, H, W) in [0, 1] sharing one pixel spacing (row, col) in mm.
 
-        ``sam_only``: only the SAM embedding is needed (delineation); the teachers backend then runs its SAM teacher
-        alone and leaves the other fields ``None`` (the student computes everything in its one pass anyway).
+        ``roles``: only these roles' features are needed (e.g. ``("dino",)`` for registration); ``sam_only`` is
+        ``roles=("sam",)`` (delineation). The teachers backend then runs only those teachers and leaves the other
+        fields ``None`` (the student computes everything in its one pass anyway).
         """
+        roles = ("sam",) if sam_only else (None if roles is None else tuple(roles))
+        unknown = set(roles or ()) - set(ROLES)
+        if unknown:
+            raise ValueError(f"unknown roles {sorted(unknown)}: expected some of {ROLES}")
         slices, spacing = _prepare(slices, pixel_spacing)
         box = self.reference_letterbox(slices.shape[1:], spacing)
         parts = []
         for start in range(0, len(slices), self.batch_size):
             chunk = slices[start:start + self.batch_size]
-            parts.append(self._with_fallback(self._encode_chunk, chunk, box, sam_only))
+            parts.append(self._with_fallback(self._encode_chunk, chunk, box, roles))
         return SliceFeatures.concat(parts)
 
-    def _encode_chunk(self, slices: np.ndarray, box: Letterbox, sam_only: bool) -> SliceFeatures:
+    def _encode_chunk(self, slices: np.ndarray, box: Letterbox, roles: "tuple[str, ...] | None") -> SliceFeatures:
         raise NotImplementedError
 
     def _finish(self, box: Letterbox, tensors: dict) -> SliceFeatures:
@@ -191,7 +197,7 @@ class StudentBackend(FeatureBackend):
         return sam.default_window if sam is not None else FeatureBackend.default_window
 
     @torch.inference_mode()
-    def _encode_chunk(self, slices, box, sam_only=False):
+    def _encode_chunk(self, slices, box, roles=None):
         student = self.bundle.modules["student"]
         x = _letterboxed(slices, box.at_size(self.input_size)).to(self.device)
         with self._autocast():
@@ -291,9 +297,9 @@ class TeacherBackend(FeatureBackend):
         return "teachers: " + (", ".join(loaded) if loaded else "none loaded yet")
 
     @torch.inference_mode()
-    def _encode_chunk(self, slices, box, sam_only=False):
+    def _encode_chunk(self, slices, box, roles=None):
         out: dict[str, torch.Tensor] = {}
-        roles = ("sam",) if sam_only else self.roles
+        roles = self.roles if roles is None else roles
         with self._autocast():
             for role in roles:
                 teacher = self.teacher(role)

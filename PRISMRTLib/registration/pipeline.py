@@ -107,12 +107,13 @@ def _dilate(mask: sitk.Image, margin_mm: float) -> sitk.Image:
     return sitk.BinaryDilate(sitk.Cast(mask, sitk.sitkUInt8), radius, sitk.sitkBall)
 
 
-def _feature_volume(features, image: sitk.Image, device: str):
-    """Call the user's feature extractor and bring its output to (1, C, Z, Y, X) on the working grid."""
+def _feature_volume(features, image: sitk.Image, device: str, progress=None):
+    """Call the user's feature extractor and bring its output to (1, C, Z, Y, X) on the working grid. An extractor
+    with ``reports_progress`` gets ``progress(text)``."""
     import torch
     import torch.nn.functional as F
 
-    out = features(image)
+    out = features(image, progress=progress) if getattr(features, "reports_progress", False) else features(image)
     if isinstance(out, sitk.Image):
         out = sitk.GetArrayFromImage(out)  # (Z, Y, X, C) for vector images
         out = np.moveaxis(out, -1, 0) if out.ndim == 4 else out[None]
@@ -145,7 +146,9 @@ def register(fixed: sitk.Image, moving: sitk.Image, method: str = "mind", smooth
     """Register ``moving`` to ``fixed``: initial alignment, then ConvexAdam on MIND-SSC and/or supplied features.
 
     ``method``: "mind", "features" (needs ``features``) or "both". ``features``: a callable taking a SimpleITK image
-    on the working grid and returning a feature volume (C, Z', Y', X') over the same extent (resized if coarser).
+    on the working grid and returning a feature volume (C, Z', Y', X') over the same extent (resized if coarser);
+    one with a ``fit(fixed, moving, progress)`` method (:class:`.backbone.BackboneFeatures`) is fitted on both images
+    first.
     ``smoothness``: 0 .. 10, 1 default (see :mod:`.convex_adam`). ``fixed_mask``: region of interest on the fixed
     grid (used by the alignment metric and to weight the deformable data terms). ``alignment``: last initial stage
     to run ("none", "moments", "translation", "rigid", "affine"). ``settings``: ConvexAdam settings (its smoothness
@@ -236,7 +239,13 @@ def register(fixed: sitk.Image, moving: sitk.Image, method: str = "mind", smooth
         pairs.append((mind_ssc(fixed_w, mind_radius, mind_dilation, device=device),
                       mind_ssc(moving_w, mind_radius, mind_dilation, device=device)))
     if method in ("features", "both"):
-        pairs.append((_feature_volume(features, fixed_w, device), _feature_volume(features, moving_w, device)))
+        def stage(fraction):
+            return None if progress is None else (lambda text: progress(fraction, text))
+
+        if hasattr(features, "fit"):  # e.g. BackboneFeatures: one PCA basis for both images
+            features.fit(fixed_w, moving_w, progress=stage(0.3))
+        pairs.append((_feature_volume(features, fixed_w, device, stage(0.35)),
+                      _feature_volume(features, moving_w, device, stage(0.5))))
         if pairs[-1][0].shape != pairs[-1][1].shape:
             raise InvalidImageError("the feature extractor returned different channel counts for the two images")
     feat_f, feat_m = pairs[0] if len(pairs) == 1 else combine_features(pairs)
@@ -275,7 +284,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, method: str = "mind", smooth
                "working_size": list(grid.GetSize()), "mind_radius": mind_radius, "mind_dilation": mind_dilation,
                "fixed_mask": mask is not None, "body_margin_mm": body_margin_mm, "convex_adam": settings.to_dict(),
                "seed": seed,
-               "feature_channels": int(feat_f.shape[1])}
+               "feature_channels": int(feat_f.shape[1]),
+               "features": features.settings() if method != "mind" and hasattr(features, "settings") else None}
     return RegistrationResult(displacement=total, affine=transform, warped=warped, alignment=aligned,
                               inverse_displacement=inverse, timings=timings, settings=summary, losses=found.losses,
                               device=device, warnings=warnings)

@@ -94,6 +94,11 @@ def main(argv=None) -> int:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--smoothness", type=float, default=1.0)
     parser.add_argument("--inverse-consistency", action="store_true")
+    parser.add_argument("--method", choices=("mind", "features", "both"), default="mind")
+    parser.add_argument("--model", default="teachers-standin-openkbp",
+                        help="features/both: the backbone's model (teachers backend)")
+    parser.add_argument("--role", default="auto", help="features/both: sam, dino, clip or auto")
+    parser.add_argument("--slice-step", type=int, default=1, help="features/both: encode every n-th slice")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (ITK alignment runs on 1 thread)")
     parser.add_argument("--reference", action="store_true", help="also run the convexAdam package on the same pairs")
@@ -102,7 +107,7 @@ def main(argv=None) -> int:
     patients = sorted(p for p in (args.data / "validation-pats").iterdir() if (p / "ct.nii.gz").is_file())
     pairs = [(patients[2 * i], patients[2 * i + 1]) for i in range(min(args.pairs, len(patients) // 2))]
     print(f"# OpenKBP inter-patient pairs, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{args.threads} torch thread(s), device {args.device}, smoothness {args.smoothness}, "
+          f"{args.threads} torch thread(s), device {args.device}, method {args.method}, smoothness {args.smoothness}, "
           f"inverse consistency {'on' if args.inverse_consistency else 'off'}, {time.strftime('%Y-%m-%d')}")
     header = ("| fixed | moving | identity | affine | deformable | folding % (grid / body / sitk) | "
               "CPU s (align / deform / total) |")
@@ -110,14 +115,21 @@ def main(argv=None) -> int:
         header += " convexAdam pkg Dice | its folding % | its CPU s |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
+    extractor = None
+    if args.method != "mind":
+        from PRISMRTLib.registration.backbone import BackboneFeatures
+
+        extractor = BackboneFeatures.from_model(args.model, device=args.device, role=args.role,
+                                                slice_step=args.slice_step)
+        print(f"# features: {extractor.describe()}")
     rows = []
     for fixed_dir, moving_dir in pairs:
         fixed, fixed_organs = _load(fixed_dir)
         moving, moving_organs = _load(moving_dir)
         body = sitk.GetArrayFromImage(body_mask(fixed)) > 0
         start = time.process_time()
-        result = register(fixed, moving, method="mind", smoothness=args.smoothness, device=args.device,
-                          inverse_consistency=args.inverse_consistency)
+        result = register(fixed, moving, method=args.method, smoothness=args.smoothness, device=args.device,
+                          inverse_consistency=args.inverse_consistency, features=extractor)
         cpu = time.process_time() - start
         identity = _scores(fixed_organs, moving_organs, fixed)
         affine = _scores(fixed_organs, moving_organs, fixed, transform=result.affine)

@@ -219,8 +219,13 @@ def test_installed_metadata_matches_when_installed_from_this_checkout():
 
 def test_installers_are_chosen_from_the_list():
     by_name = {dependencies.canonicalName(r.name): r for r in dependencies.REQUIREMENTS}
-    for name in dependencies.SLICER_SHIPS | set(dependencies.PYTORCH_EXTENSION) | set(dependencies.IMPORT_NAMES):
+    for name in dependencies.SLICER_SHIPS | set(dependencies.PYTORCH_EXTENSION):
         assert name in by_name, f"dependencies.py names {name}, which PRISMRTLib/requirements.txt does not list"
+    extras = {dependencies.canonicalName(dependencies.parseRequirement(r).name)
+              for _extra, r in optional_requirements().values()}
+    for name in dependencies.IMPORT_NAMES:  # an import name is known for what is installed: listed or an extra
+        assert name in set(by_name) | extras, \
+            f"dependencies.py names {name}, which neither requirements.txt nor an extra of pyproject.toml lists"
     pip = [requirement for _module, requirement in dependencies.PYTHON_REQUIREMENTS]
     assert pip == [r.requirement for r in dependencies.REQUIREMENTS if r.installer == "pip"]
     assert not {"numpy", "simpleitk", "torch", "torchvision"} & {dependencies.canonicalName(

@@ -62,6 +62,33 @@ PANELS = {
         },
         "scene_to": "outputSegmentationSelector",
     },
+    "PRISMRTRegistration.ui": {
+        "top": "PRISMRTRegistration",
+        "code": [MODULE_DIR / "PRISMRTModule" / "registrationSection.py"],
+        "widgets": {
+            "fixedVolumeSelector": "qMRMLNodeComboBox",
+            "movingVolumeSelector": "qMRMLNodeComboBox",
+            "fixedMaskSelector": "qMRMLNodeComboBox",
+            "fixedSegmentationSelector": "qMRMLNodeComboBox",
+            "movingSegmentationSelector": "qMRMLNodeComboBox",
+            "registrationMethodComboBox": "QComboBox",
+            "methodStatusLabel": "QLabel",
+            "smoothnessSlider": "QSlider",
+            "smoothnessSpinBox": "QDoubleSpinBox",
+            "smoothnessHintLabel": "QLabel",
+            "inverseConsistencyCheckBox": "QCheckBox",
+            "multimodalCheckBox": "QCheckBox",
+            "runRegistrationButton": "QPushButton",
+            "cancelRegistrationButton": "QPushButton",
+            "registrationProgressBar": "QProgressBar",
+            "registrationStatusLabel": "QLabel",
+            "showFusionButton": "QPushButton",
+            "showCheckerboardButton": "QPushButton",
+            "showJacobianButton": "QPushButton",
+            "showQATableButton": "QPushButton",
+        },
+        "scene_to": "fixedVolumeSelector",
+    },
 }
 
 
