@@ -20,7 +20,8 @@ from .errors import PrismRTError
 
 # kept here, not imported, so that parsing arguments loads no model code (PRISMRTLib.features imports torch)
 BACKEND_CHOICES = ("auto", "prismrt", "teachers")
-EVAL_REG_METHODS = ("mind", "features", "both", "affine", "elastix-affine", "elastix-bspline")
+EVAL_REG_METHODS = ("mind", "features", "both", "affine", "elastix-affine", "elastix-bspline",
+                    "elastix-bspline-from-affine")
 DEFAULT_HELP = ("auto = the distilled student ('prismrt') when one is installed, otherwise the teachers "
                 "(delineation: LiteMedSAM, fine-tuned for clicks when that model is present)")
 MODES_CHOICES = ("2d", "3d")  # segmentation.evaluation.MODES
@@ -203,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature-role", choices=("auto", "dino", "sam", "clip"), default="auto")
     p.add_argument("--slice-step", type=int, default=1, metavar="N")
     p.add_argument("--smoothness", type=float, default=1.0)
-    p.add_argument("--threads", type=int, default=None, help="elastix threads (default: all)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="elastix threads (default 1: its B-spline step crashed with 2 threads, itk-elastix 0.25.4)")
     p.add_argument("--out", required=True, type=Path, help="output folder for results.json and results.md")
     p.add_argument("--overwrite", action="store_true")
 
