@@ -3,7 +3,7 @@
 The module is thin: everything that computes lives in PRISMRTLib (pure Python, LPS, SimpleITK images), and the
 module's own parts live in the package ``PRISMRTModule`` next to this file, one file per concern (see its
 ``__init__``). This file holds the module's description, its widget (the Input, Volume check and Display sections,
-and one section per task: Delineation and Registration now, chat next), its logic and its self-test.
+and one section per task: Delineation, Registration and Chat), its logic and its self-test.
 Heavy or optional imports (SimpleITK, PRISMRTLib, torch) happen on first use, never when Slicer loads the module,
 so the module loads even when a dependency is missing.
 """
@@ -25,6 +25,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from PRISMRTModule import dependencies, volumes
+from PRISMRTModule.chat import ChatLogic
 from PRISMRTModule.conversions import ijkToRasArray
 from PRISMRTModule.delineation import DelineationLogic
 from PRISMRTModule.library import importPRISMRTLib
@@ -51,7 +52,9 @@ class PRISMRT(ScriptedLoadableModule):
 Radiotherapy imaging AI on one distilled vision backbone: GTV delineation from point prompts,
 deformable registration with QA, and questions about the loaded CT.
 This version checks a CT volume, applies CT window presets, delineates a structure from clicks or a box,
-propagated into 3D, and registers two volumes deformably with a QA report (pass/fail against TG-132 tolerances).
+propagated into 3D, registers two volumes deformably with a QA report (pass/fail against TG-132 tolerances), and
+answers questions typed about the CT on screen (its header, the scene's segmentations, the slice in view), each answer
+with its source and confidence.
 See the <a href="https://github.com/prism-rt/PRISMRT">project page</a> for documentation.
 """)
         self.parent.acknowledgementText = _("""
@@ -66,8 +69,8 @@ Developed by the PRISM-RT team. Built on 3D Slicer, SimpleITK and the SlicerPyTo
 
 class PRISMRTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """The panel: Input (the CT), Volume check and Display, then one section per task, each its own widget and .ui
-    (``PRISMRTModule.delineationSection``, ``PRISMRTModule.registrationSection``). The parameter node
-    (``PRISMRTModule.parameters``) holds the state."""
+    (``PRISMRTModule.delineationSection``, ``PRISMRTModule.registrationSection``, ``PRISMRTModule.chatSection``).
+    The parameter node (``PRISMRTModule.parameters``) holds the state."""
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -87,12 +90,14 @@ class PRISMRTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = PRISMRTLogic()
 
+        from PRISMRTModule.chatSection import ChatSection
         from PRISMRTModule.delineationSection import DelineationSection
         from PRISMRTModule.registrationSection import RegistrationSection
 
         self.delineation = DelineationSection(self, self.layout)
         self.registration = RegistrationSection(self, self.layout)
-        self.sections = [self.delineation, self.registration]
+        self.chat = ChatSection(self, self.layout)
+        self.sections = [self.delineation, self.registration, self.chat]
         self.layout.addStretch(1)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
@@ -237,13 +242,14 @@ class PRISMRTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 class PRISMRTLogic(ScriptedLoadableModuleLogic):
     """The module's logic for scripts and the self-test: the volume tools, the task logics (``delineation``,
-    ``registration``), the parameter node and the dependency installers. The work itself is in ``PRISMRTModule``
-    (MRML only)."""
+    ``registration``, ``chat``), the parameter node and the dependency installers. The work itself is in
+    ``PRISMRTModule`` (MRML only)."""
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self.delineation = DelineationLogic()
         self.registration = RegistrationLogic()
+        self.chat = ChatLogic()
 
     def getParameters(self) -> PRISMRTParameters:
         return PRISMRTParameters.ofScene(slicer.mrmlScene)

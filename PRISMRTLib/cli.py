@@ -1,7 +1,7 @@
 """The ``prismrt`` command line.
 
 Errors the user can fix are printed as one line (``prismrt: error: ...``) with exit code 2; ``--debug`` shows
-tracebacks. Commands whose models are not part of this version say so and exit with code 3.
+tracebacks.
 
 Every command checks its arguments, paths and outputs, then reads and checks its images, and only then loads a model:
 a mistake costs a second, not a model load. Other libraries' warnings stay off the terminal (``--debug`` shows them).
@@ -28,7 +28,6 @@ MODES_CHOICES = ("2d", "3d")  # segmentation.evaluation.MODES
 FIRST_CHOICES = ("click", "box")  # segmentation.evaluation.FIRST_PROMPTS
 
 EXIT_USAGE = 2
-EXIT_NOT_AVAILABLE = 3
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,10 +35,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):  # noqa: D102 - argparse API
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
-
-
-class NotAvailableError(PrismRTError):
-    """The command exists but what it needs is not part of this version."""
 
 
 def _existing_path(text: str) -> Path:
@@ -209,10 +204,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output folder for results.json and results.md")
     p.add_argument("--overwrite", action="store_true")
 
-    p = sub.add_parser("ask", parents=[common], help="answer a free-text question about a CT")
-    p.add_argument("image", type=_existing_path)
-    p.add_argument("question")
-    p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto")
+    p = sub.add_parser(
+        "ask", parents=[common], help="answer a free-text question about a CT",
+        description="A question in plain words about IMAGE gets an answer with a confidence and its source: the "
+                    "header and geometry (slice thickness, pixel size, field of view, modality, plane), the "
+                    "structures given with --segmentation (presence on a slice, volume, extent, side, distance, "
+                    "overlap) and, for what only the pixels can tell, the image model (organ visibility and target "
+                    "presence on a slice). What none of them can answer gets 'I cannot tell from this CT because "
+                    "...'. Batch: --questions FILE.jsonl, one {\"id\", \"question\", \"slice\"} a line.",
+    )
+    p.add_argument("image", type=_existing_path, help="the CT (NIfTI, NRRD, MHA or a DICOM folder)")
+    p.add_argument("question", nargs="?", help="the question (quote it); or give --questions")
+    p.add_argument("--questions", type=_existing_path, metavar="FILE.jsonl",
+                   help="batch: one JSON object a line with id, question and slice ('axial:63' or null)")
+    p.add_argument("--slice", metavar="AXIS:INDEX",
+                   help="the slice the question is about: AXIS axial, coronal or sagittal, INDEX the 0-based voxel "
+                        "index of IMAGE along k, j or i (e.g. axial:63)")
+    p.add_argument("--segmentation", action="append", type=_existing_path, default=[], metavar="FILE",
+                   help="structures on the image's grid: mask files named after the structure, folders of them, or "
+                        "a label map (names from FILE.json beside it or a Slicer .seg.nrrd) (repeatable)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per answer")
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help="the image model's backend: " + DEFAULT_HELP)
+    p.add_argument("--model", default=None, help="the image model's bundle (default: the backend's CLIP model)")
+    p.add_argument("--no-image-model", action="store_true",
+                   help="answer from the header and structures only (never load a model)")
+
+    p = sub.add_parser(
+        "eval-ask", parents=[common], help="evaluate the chat on questions with exact answers",
+        description="Builds a question set from cases (folders of ct.nii.gz with structure masks beside it or in "
+                    "masks/; a folder of such folders counts as all of them), with exact answers computed from the "
+                    "masks and headers, asks every question with and without the structures, and reports accuracy per "
+                    "category, closed vs open, image-only vs with structures, calibration error and the trivial "
+                    "baselines in one table.",
+    )
+    p.add_argument("cases", nargs="+", type=_existing_path, metavar="CASE")
+    p.add_argument("--max-per-case", type=int, default=None, metavar="N", help="at most N questions per case")
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help="the image model's backend: " + DEFAULT_HELP)
+    p.add_argument("--model", default=None, help="the image model's bundle")
+    p.add_argument("--out", required=True, type=Path, help="output folder for results.json and results.md")
+    p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser(
         "models", parents=[common], help="list, download, import, locate or remove model weights",
@@ -802,11 +832,107 @@ def cmd_eval_reg(args) -> int:
     return 0
 
 
-def cmd_not_available(args) -> int:
-    raise NotAvailableError(
-        f"'{args.command}' is not available in PRISM-RT {__version__}: its models are not part of this version yet "
-        "(see the README's Status section)"
-    )
+def _image_model_factory(args):
+    def factory():
+        from .chat.engines.image import ImageModelEngine
+
+        return ImageModelEngine.default(device=args.device, backend=args.backend, model=args.model)
+
+    return factory
+
+
+def _read_questions(path: Path) -> list[tuple]:
+    """The batch file's (id, question, slice) items; every line is checked before anything is answered."""
+    import json
+
+    items, seen = [], set()
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PrismRTError(f"{path}, line {number}: not JSON ({exc.msg}): write one object a line, "
+                               '{"id": ..., "question": ..., "slice": "axial:63" or null}') from None
+        if not isinstance(item, dict) or not isinstance(item.get("question"), str):
+            raise PrismRTError(f"{path}, line {number}: needs a \"question\" string (and an \"id\")")
+        qid = item.get("id", number)
+        if qid in seen:
+            raise PrismRTError(f"{path}, line {number}: the id {qid!r} is used twice: give each question its own")
+        seen.add(qid)
+        items.append((qid, item["question"], item.get("slice")))
+    if not items:
+        raise PrismRTError(f"{path} holds no questions")
+    return items
+
+
+def _print_answer(answer, as_json: bool, qid=None) -> None:
+    import json
+
+    if as_json:
+        out = answer.to_dict()
+        if qid is not None:
+            out = {"id": qid, **out}
+        print(json.dumps(out, default=str), flush=True)
+        return
+    prefix = f"[{qid}] " if qid is not None else ""
+    print(f"{prefix}{answer.answer}")
+    print(f"{' ' * len(prefix)}(source: {answer.source}; confidence {answer.confidence:.2f}"
+          + (f"; slice {answer.slice}" if answer.slice else "") + ")", flush=True)
+
+
+def cmd_ask(args) -> int:
+    from .chat.session import ChatSession
+    from .chat.structures import StructureSet
+    from .chat.types import SliceRef
+    from .imaging.io import read_image
+
+    if (args.question is None) == (args.questions is None):
+        raise PrismRTError("give a QUESTION or --questions FILE.jsonl (one of them)")
+    if args.questions is not None and args.slice:
+        raise PrismRTError("--slice is for a single question: in a batch file each line has its own \"slice\"")
+    ref = SliceRef.parse(args.slice)
+    image = read_image(args.image)
+    structures = StructureSet.from_files(args.segmentation, image) if args.segmentation else None
+    session = ChatSession(image, structures, image_model=None if args.no_image_model else "auto",
+                          image_model_factory=None if args.no_image_model else _image_model_factory(args))
+    if args.questions is None:
+        _print_answer(session.ask(args.question, ref), args.json)
+        return 0
+    for qid, answer in session.ask_many(_read_questions(args.questions)):
+        _print_answer(answer, args.json, qid)
+    return 0
+
+
+def _case_folders(paths) -> list[Path]:
+    """Case folders (holding ct.nii.gz); a folder of them stands for all of them."""
+    out = []
+    for path in paths:
+        if (path / "ct.nii.gz").exists():
+            out.append(path)
+            continue
+        found = sorted(p for p in path.iterdir() if (p / "ct.nii.gz").exists()) if path.is_dir() else []
+        if not found:
+            raise PrismRTError(f"'{path}' is not a case (no ct.nii.gz in it) and holds no case folders")
+        out += found
+    return out
+
+
+def cmd_eval_ask(args) -> int:
+    import shlex
+
+    from .chat.evaluation import run_eval
+
+    for name in ("results.json", "results.md"):
+        _check_output(args.out / name, args.overwrite)
+    if args.max_per_case is not None and args.max_per_case < 1:
+        raise PrismRTError("--max-per-case must be 1 or more")
+    cases = _case_folders(args.cases)
+    command = "prismrt " + " ".join(shlex.quote(a) for a in args.argv)
+    run_eval(cases, args.out, backend=args.backend, model=args.model, device=args.device,
+             max_per_case=args.max_per_case, command=command)
+    print(f"wrote {args.out}/results.md and results.json")
+    return 0
 
 
 COMMANDS = {
@@ -816,7 +942,8 @@ COMMANDS = {
     "eval-seg": cmd_eval_seg,
     "register": cmd_register,
     "eval-reg": cmd_eval_reg,
-    "ask": cmd_not_available,
+    "ask": cmd_ask,
+    "eval-ask": cmd_eval_ask,
     "models": cmd_models,
 }
 
@@ -879,9 +1006,6 @@ def main(argv=None) -> int:
     args.argv = argv  # what was typed, for the evaluation reports
     try:
         return _run_quietly(COMMANDS[args.command], args)
-    except NotAvailableError as exc:
-        print(f"prismrt {args.command}: {exc}", file=sys.stderr)
-        return EXIT_NOT_AVAILABLE
     except PrismRTError as exc:
         if args.debug:
             raise

@@ -45,6 +45,7 @@ import slicer
 from .conversions import RAS_LPS_FLIP, imageToVolumeNode, maskToSegment, segmentToMask, volumeNodeToImage
 from .jobs import BackgroundJob
 from .library import importPRISMRTLib, prismrtError
+from .mrml import nodesByClass
 from .parameters import PRISMRTParameters
 
 METHODS = ("mind", "features", "both")
@@ -680,9 +681,7 @@ class RegistrationLogic:
     def results(scene) -> list:
         """PRISM-RT registration results in ``scene`` (their transform nodes), oldest first."""
         nodes = []
-        collection = scene.GetNodesByClass("vtkMRMLGridTransformNode")
-        for index in range(collection.GetNumberOfItems()):
-            node = collection.GetItemAsObject(index)
+        for node in nodesByClass(scene, "vtkMRMLGridTransformNode"):
             if node.GetAttribute(ROLE_ATTRIBUTE) == TRANSFORM_KIND:
                 nodes.append(node)
         return nodes
@@ -704,9 +703,7 @@ class RegistrationLogic:
     @staticmethod
     def showLayers(scene, background=None, foreground=None, foregroundOpacity: float = 0.0, label=None) -> None:
         """Every slice view of ``scene`` shows ``background`` with ``foreground`` over it."""
-        collection = scene.GetNodesByClass("vtkMRMLSliceCompositeNode")
-        for index in range(collection.GetNumberOfItems()):
-            composite = collection.GetItemAsObject(index)
+        for composite in nodesByClass(scene, "vtkMRMLSliceCompositeNode"):
             wasModifying = composite.StartModify()
             composite.SetBackgroundVolumeID(background.GetID() if background is not None else None)
             composite.SetForegroundVolumeID(foreground.GetID() if foreground is not None else None)
@@ -774,9 +771,7 @@ class RegistrationLogic:
     def jacobianColorNode(scene):
         """The Jacobian's colour table (made once per scene): det 0 .. 2 from blue (shrinking) through white (1: no
         volume change) to red (growing); the first entry, det <= 0.008 (folding), is lime."""
-        collection = scene.GetNodesByClass("vtkMRMLColorTableNode")
-        for index in range(collection.GetNumberOfItems()):
-            node = collection.GetItemAsObject(index)
+        for node in nodesByClass(scene, "vtkMRMLColorTableNode"):
             if node.GetAttribute(ROLE_ATTRIBUTE) == JACOBIAN_COLORS_KIND:
                 return node
         node = scene.AddNewNodeByClass("vtkMRMLColorTableNode", _uniqueName(scene, "PRISM-RT Jacobian determinant"))

@@ -114,13 +114,14 @@ def test_overlay_on_another_grid_is_refused(sample_dir, tmp_path, capsys, shared
     assert code == 2 and "not on the image's voxel grid" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("args", [["ask", "{ct}", "Is there a GTV?"]])
-def test_commands_of_later_versions_say_so(args, sample_dir, tmp_path, capsys):
-    args = [a.format(ct=sample_dir / "ct.nii.gz", tmp=tmp_path) for a in args]
-    assert main(args) == 3
-    err = capsys.readouterr().err
-    assert "not available in PRISM-RT" in err and err.count("\n") == 1
-    assert list(tmp_path.iterdir()) == []
+def test_ask_without_a_question_or_with_both_says_which(sample_dir, tmp_path, capsys):
+    ct = str(sample_dir / "ct.nii.gz")
+    assert main(["ask", ct]) == 2
+    assert "give a QUESTION or --questions" in capsys.readouterr().err
+    batch = tmp_path / "q.jsonl"
+    batch.write_text('{"id": 1, "question": "what is the slice thickness?"}\n')
+    assert main(["ask", ct, "what?", "--questions", str(batch)]) == 2
+    assert "one of them" in capsys.readouterr().err
 
 
 def test_device_option_after_the_subcommand(sample_dir, capsys):

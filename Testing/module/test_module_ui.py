@@ -89,6 +89,22 @@ PANELS = {
         },
         "scene_to": "fixedVolumeSelector",
     },
+    "PRISMRTChat.ui": {
+        "top": "PRISMRTChat",
+        "code": [MODULE_DIR / "PRISMRTModule" / "chatSection.py"],
+        "widgets": {
+            "chatVolumeSelector": "qMRMLNodeComboBox",
+            "chatContextLabel": "QLabel",
+            "chatHistoryBrowser": "QTextBrowser",
+            "chatQuestionLineEdit": "QLineEdit",
+            "askButton": "QPushButton",
+            "chatProgressBar": "QProgressBar",
+            "cancelAskButton": "QPushButton",
+            "chatStatusLabel": "QLabel",
+            "clearChatButton": "QPushButton",
+        },
+        "scene_to": "chatVolumeSelector",
+    },
 }
 
 

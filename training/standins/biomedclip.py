@@ -68,6 +68,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from PRISMRTLib.chat.prompts import (
+    ORIENTATION_PROMPTS, PAROTID_SIDE_PROMPTS, TARGET_PROMPTS, TARGET_SIDE_PROMPTS, visible_prompts,
+)
 from PRISMRTLib.imaging import Orientation, SlicePlane
 from PRISMRTLib.imaging.intensity import Window
 from PRISMRTLib.models.biomedclip import (
@@ -581,33 +584,9 @@ def captions(truth: SliceTruth, rng: np.random.Generator, n: int = 8) -> list[Ca
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Zero-shot prompts (evaluation; a downstream VQA can use the same). Each class is a prompt ensemble; the first prompt
-# of each class is the single prompt also reported.
+# of each class is the single prompt also reported. The tables live in PRISMRTLib/chat/prompts.py (the chat scores the
+# same prompts); only the level prompts, built from the caption tables, are defined here.
 
-def visible_prompts(structure: str) -> tuple[list[str], list[str]]:
-    name = NAMES[structure][0]
-    yes = [f"a CT slice showing the {name}", f"{name} visible", f"a CT slice with the {name}",
-           f"the {name} is visible in this slice"]
-    no = [f"a CT slice without the {name}", f"no {name}", f"{name} not visible", f"no {name} in this slice"]
-    return yes, no
-
-
-ORIENTATION_PROMPTS = {
-    "axial": ["an axial CT slice", "a transverse CT image", "axial view", "CT slice in the axial plane"],
-    "coronal": ["a coronal CT slice", "a coronal CT image", "coronal view", "CT slice in the coronal plane"],
-    "sagittal": ["a sagittal CT slice", "a sagittal CT image", "sagittal view", "CT slice in the sagittal plane"],
-}
-PAROTID_SIDE_PROMPTS = {
-    "left": ["a CT slice showing the left parotid", "left parotid visible", "L parotid"],
-    "right": ["a CT slice showing the right parotid", "right parotid visible", "R parotid"],
-}
-TARGET_SIDE_PROMPTS = {
-    "left": ["a CT slice with the target on the patient's left", "left-sided target", "target left of midline"],
-    "right": ["a CT slice with the target on the patient's right", "right-sided target", "target right of midline"],
-}
-TARGET_PROMPTS = {
-    "yes": ["a CT slice with a treatment target", "target present", "PTV in slice"],
-    "no": ["a CT slice with no target", "no target in this slice", "no PTV"],
-}
 LEVEL_PROMPTS = {lv: [f"an axial CT slice {LEVELS[lv][0]}", f"a CT slice {LEVELS[lv][1]}", LEVEL_TAGS[lv][0]]
                  for lv in ("brain", "skull_base", "parotid", "mandible", "larynx", "lower_neck")}
 
