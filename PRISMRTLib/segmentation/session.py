@@ -208,6 +208,10 @@ class SegmentationSession:
                 drawn = self.plane.extract(self.mask, index).astype(bool)
                 previous = self._mask_prompt(index, drawn) if drawn.any() else None  # refine what the user drew
             mask, score, logits = self._predict(index, prompts, previous)
+            if previous is None and prompts.box is None and list(prompts.labels) == [1]:
+                # a lone click means one object: SAM's mask can add distant look-alikes (measured on the clinical
+                # GTVs and organs: 1-click HD95 32 -> 19 mm, Dice 0.77 -> 0.79; docs/evaluation/delineation_clinical.md)
+                mask = _component_at(mask, prompts.points[0])
         self.prompts[index] = prompts
         self._write(index, mask, logits, "clicks")
         self._commit(step)

@@ -454,3 +454,27 @@ def test_edits_made_by_hand_are_adopted_and_refined_by_the_next_click(phantom):
 
     with pytest.raises(GeometryError, match="volume's grid"):
         session.adopt(np.zeros((3, 4, 5), np.uint8))
+
+
+class _AddsALookAlike(SegmentationSession):
+    """A model whose mask holds the clicked object plus a separate blob in a corner of the slice."""
+
+    def _predict(self, index, prompts, mask_logits, plane=None):
+        mask, score, logits = super()._predict(index, prompts, mask_logits, plane)
+        mask = mask.copy()
+        mask[:4, :4] = True
+        return mask, score, logits
+
+
+def test_a_lone_click_keeps_only_the_object_under_it(phantom):
+    """SAM can add distant look-alikes to a single click's mask: a lone positive click keeps the component under
+    it; a second click (here negative, elsewhere) lets the model's mask stand as it is."""
+    image, ptv = phantom
+    session = _AddsALookAlike(OracleBackend(), image, "axial", window="soft-tissue")
+    index, stack, point = _largest_slice(session, ptv)
+    session.add_point(point)
+    drawn = session.plane.stack_view(session.mask.astype(bool))[index]
+    assert not drawn[:4, :4].any() and _dice(drawn, stack[index]) > 0.95
+    corner = session.plane.slice_coords_to_point([index, stack.shape[1] - 2, stack.shape[2] - 2])
+    session.add_point(corner, positive=False)
+    assert session.plane.stack_view(session.mask.astype(bool))[index][:4, :4].all()
