@@ -21,7 +21,7 @@ from .errors import PrismRTError
 # kept here, not imported, so that parsing arguments loads no model code (PRISMRTLib.features imports torch)
 BACKEND_CHOICES = ("auto", "prismrt", "teachers")
 EVAL_REG_METHODS = ("mind", "features", "both", "affine", "elastix-affine", "elastix-bspline",
-                    "elastix-bspline-from-affine")
+                    "elastix-bspline-from-affine", "elastix-bspline-tuned")
 DEFAULT_HELP = ("auto = the distilled student ('prismrt') when one is installed, otherwise the teachers "
                 "(delineation: LiteMedSAM, fine-tuned for clicks when that model is present)")
 MODES_CHOICES = ("2d", "3d")  # segmentation.evaluation.MODES
