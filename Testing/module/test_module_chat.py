@@ -9,6 +9,7 @@ index read along the wrong axis (or the display row), or counted from the wrong 
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -584,11 +585,12 @@ def section(ct, monkeypatch):
     import types
     import xml.etree.ElementTree as ET
 
-    from conftest import UI_DIR
+    # the path here, not "from conftest import": which conftest module that finds depends on the collection order
+    ui_dir = Path(__file__).resolve().parents[2] / "PRISMRT" / "Resources" / "UI"
     from PRISMRTModule.parameters import PRISMRTParameters
 
     scene, volume, views = ct
-    names = [w.get("name") for w in ET.parse(UI_DIR / "PRISMRTChat.ui").getroot().iter("widget")]
+    names = [w.get("name") for w in ET.parse(ui_dir / "PRISMRTChat.ui").getroot().iter("widget")]
     ui = types.SimpleNamespace(**{name: FakeWidget(name) for name in names})
     errors = []
 
