@@ -22,14 +22,6 @@ FAST = ConvexAdamSettings(grid_spacing=3, search_radius=3, adam_grid_spacing=2, 
 GRID = 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class IntensityBackend:
     """A backend whose "dino" patch grid is the windowed slice itself, letterboxed into a 32 x 32 grid (plus its
     square): the features of a voxel are its own intensity, so any flip or shift of a slice shows."""

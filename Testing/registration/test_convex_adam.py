@@ -15,14 +15,6 @@ from PRISMRTLib.registration.mind import CHANNELS, mind_ssc
 FAST = dict(grid_spacing=3, search_radius=3, adam_grid_spacing=2, iterations=40)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def ct_block(sample_dir):
     """A 48 x 48 x 40 block of the shipped CT through the neck (HU, float32), array order (k, j, i)."""

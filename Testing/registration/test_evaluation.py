@@ -8,19 +8,10 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 from PRISMRTLib.cli import main
 from PRISMRTLib.registration import evaluation
 from PRISMRTLib.registration.qa import jacobian_determinant
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 from prismrt_testing import DIRECTIONS
 from PRISMRTLib.errors import InvalidImageError
@@ -16,14 +15,6 @@ from PRISMRTLib.registration.field import compose, voxel_grid_to_field, warp_ima
 from PRISMRTLib.registration.pipeline import register, working_grid
 
 FAST = ConvexAdamSettings(grid_spacing=3, search_radius=3, adam_grid_spacing=2, iterations=40)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import math
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 from PRISMRTLib.registration.alignment import body_mask
 from PRISMRTLib.registration.evaluation import synthetic_field, tre_points
@@ -17,14 +16,6 @@ from PRISMRTLib.registration.field import transform_to_field, warp_image
 from PRISMRTLib.registration.pipeline import (MAX_REFINED_VOXELS, MAX_WORKING_SPACING_MM, MAX_WORKING_VOXELS,
                                               register, working_grid)
 from PRISMRTLib.registration.qa import displace_points
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _image(size, spacing, direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)):
