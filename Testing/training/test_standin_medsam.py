@@ -3,6 +3,8 @@ MedSAM-like stand-in (on the tiny preset and synthetic cases, so it runs in seco
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -364,6 +366,7 @@ def test_focus_structures_are_shown_and_prompted_first(cases):
     assert unfocused_first == 0
     with pytest.raises(ValueError, match="unknown structure"):
         M.train("unused", steps=1, cases=cases, focus=("Tumour",), **FAST)
+    assert not Path("unused").exists()  # refused before the output folder is made
 
 
 def test_zoom_crop_enlarges_the_structure_where_it_was():
@@ -416,6 +419,7 @@ def test_zoom_share_leaves_other_runs_unchanged_and_zooms_click_images(cases):
     assert zoomed > 5
     with pytest.raises(ValueError, match="zoom_share"):
         M.train("unused", steps=1, cases=cases, zoom_share=1.5, **FAST)
+    assert not Path("unused").exists()
 
 
 def test_weights_move_to_a_finer_patch_grid_exactly(tmp_path):

@@ -280,7 +280,6 @@ def train(out_dir, steps: int, seed: int = 0, batch_size: int = 8, threads: int 
     """
     torch.set_num_threads(int(threads))
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     cfg = _resolve_config(config)
     unknown = sorted(set(focus or ()) - set(STRUCTURES))
     if unknown:
@@ -289,6 +288,7 @@ def train(out_dir, steps: int, seed: int = 0, batch_size: int = 8, threads: int 
         raise ValueError(f"focus_share must be in (0, 1], got {focus_share}")
     if not 0 <= zoom_share <= 1:
         raise ValueError(f"zoom_share must be in [0, 1], got {zoom_share}")
+    out.mkdir(parents=True, exist_ok=True)  # after the checks: bad arguments leave nothing behind
     if cases is None:
         cases = load_cases(train_dir, limit=limit)
     settings = TrainSettings(steps=int(steps), seed=int(seed), batch_size=int(batch_size), config=cfg.to_dict(),
