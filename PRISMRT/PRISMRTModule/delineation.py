@@ -14,7 +14,6 @@ writes when the editor shows this segmentation): nothing the user drew is overwr
 """
 
 import logging
-import time
 
 import numpy as np
 
@@ -527,9 +526,7 @@ class DelineationController(VTKObservationMixin):
         job = self.job
         if job is not None:
             job.cancel()
-            deadline = time.monotonic() + timeout
-            while not job.poll() and time.monotonic() < deadline:
-                time.sleep(0.02)
+            job.wait(timeout)
 
     def forgetScene(self) -> None:
         """After the scene was closed: nothing of it is referenced any more."""

@@ -953,9 +953,7 @@ class RegistrationController:
         job = self.job
         if job is not None:
             job.cancel()
-            deadline = time.monotonic() + timeout
-            while not job.poll() and time.monotonic() < deadline:
-                time.sleep(0.02)
+            job.wait(timeout)
             self.job = None
 
     def forgetScene(self) -> None:

@@ -67,6 +67,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import PrismRTError
+from ..imaging.geometry import same_grid
 from . import lexicon
 from .data import eval_wordings as W
 from .types import CANNOT_TELL, CLARIFY, KINDS
@@ -116,12 +117,6 @@ def mask_files(folder: Path) -> list[Path]:
     folder = Path(folder)
     files = sorted(folder.glob("*.nii.gz")) + sorted((folder / "masks").glob("*.nii.gz"))
     return [f for f in files if not _NOT_STRUCTURES.match(_stem(f))]
-
-
-def _same_grid(a, b) -> bool:
-    return (a.GetSize() == b.GetSize() and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-3)
-            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-2)
-            and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-4))
 
 
 def _stem(path: Path) -> str:
@@ -235,7 +230,7 @@ class CaseData:
     def _add(self, name: str, source, ct: sitk.Image) -> None:
         if isinstance(source, (str, Path)):
             image = sitk.ReadImage(str(source))
-            if not _same_grid(image, ct):
+            if not same_grid(image, ct):
                 self.notes.append(f"{name}: not on the CT's grid, left out")
                 return
             array = sitk.GetArrayViewFromImage(image) > 0
@@ -1357,7 +1352,7 @@ class ChatSessionFactory:
 def _usable_mask(path: Path, image: sitk.Image) -> bool:
     """The masks :class:`CaseData` keeps (on the CT's grid, not empty), so truths and sessions see one set."""
     mask = sitk.ReadImage(str(path))
-    return _same_grid(mask, image) and bool(np.any(sitk.GetArrayViewFromImage(mask) > 0))
+    return same_grid(mask, image) and bool(np.any(sitk.GetArrayViewFromImage(mask) > 0))
 
 
 def run_eval(case_dirs, out, *, backend: str = "auto", max_per_case: int | None = None, progress=None,

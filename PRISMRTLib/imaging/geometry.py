@@ -149,3 +149,13 @@ class Geometry:
                 low, high = high, low
             parts.append(f"{name}: {low}->{high}")
         return ", ".join(parts)
+
+
+def same_grid(a: sitk.Image, b: sitk.Image, tol: float = 1e-4) -> bool:
+    """True when two images share size, spacing, origin and direction (within ``tol``, relative for mm)."""
+    if tuple(a.GetSize()) != tuple(b.GetSize()):
+        return False
+    scale = max(1.0, float(np.max(np.abs(a.GetSpacing()))))
+    return (np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tol * scale)
+            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tol * scale * 10)
+            and np.allclose(a.GetDirection(), b.GetDirection(), atol=tol))

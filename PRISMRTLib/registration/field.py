@@ -21,6 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import GeometryError, ImageWriteError, InvalidImageError
+from ..imaging.geometry import same_grid  # noqa: F401  (registration's modules import it from here)
 
 FIELD_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 TRANSFORM_SUFFIXES = (".h5", ".hdf5", ".tfm", ".txt")
@@ -58,16 +59,6 @@ def check_field(field: sitk.Image) -> sitk.Image:
     if field.GetPixelID() != sitk.sitkVectorFloat64:
         field = sitk.Cast(field, sitk.sitkVectorFloat64)
     return field
-
-
-def same_grid(a: sitk.Image, b: sitk.Image, tol: float = 1e-4) -> bool:
-    """True when two images share size, spacing, origin and direction (within ``tol``, relative for mm)."""
-    if tuple(a.GetSize()) != tuple(b.GetSize()):
-        return False
-    scale = max(1.0, float(np.max(np.abs(a.GetSpacing()))))
-    return (np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tol * scale)
-            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tol * scale * 10)
-            and np.allclose(a.GetDirection(), b.GetDirection(), atol=tol))
 
 
 def voxel_to_normalized(disp, shape_zyx):
