@@ -1,0 +1,295 @@
+"""The distillation (training/distill/): PHI-S, the target cache, the loop's determinism (resume, DDP), export.
+
+Everything runs on the registry's tiny teacher architectures ("tiny-lite": LiteMedSAM's, DINOv3's and BiomedCLIP's
+at test size) with random weights, saved as a real teachers bundle; the cache is built through the same encoders
+the real build uses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from PRISMRTLib.imaging import Letterbox
+from PRISMRTLib.models.bundle import build_components, load_bundle, preset_configs, save_bundle
+from training.distill.config import RunConfig
+from training.distill.phis import PhiS, balanced_rotation, fold_into, hadamard
+from training.distill.targets import (TargetCache, TeacherEncoders, dequantise_int8, quantise_int8, write_shard)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---- PHI-S -------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [1, 2, 12, 20, 48, 128, 256, 384, 768])
+def test_hadamard_orders(n):
+    h = hadamard(n)
+    assert h is not None and h.shape == (n, n)
+    assert set(np.unique(h)) <= {-1.0, 1.0}
+    np.testing.assert_allclose(h @ h.T, n * np.eye(n))
+
+
+def test_widths_without_a_hadamard_get_an_orthogonal_matrix():
+    assert hadamard(7) is None
+    q, kind = balanced_rotation(7)
+    assert kind == "random-orthogonal"
+    np.testing.assert_allclose(q @ q.T, np.eye(7), atol=1e-12)
+
+
+def test_phis_is_isotropic_and_invertible_where_per_channel_scaling_is_not():
+    # LiteMedSAM-like: channel stds spanning 500x, correlated channels, a fixed offset
+    g = torch.Generator().manual_seed(0)
+    c = 32
+    mix = torch.linalg.qr(torch.randn(c, c, generator=g, dtype=torch.float64))[0]
+    std = torch.logspace(np.log10(3e-4), np.log10(0.155), c, dtype=torch.float64)
+    x = (torch.randn(20000, c, generator=g, dtype=torch.float64) * std) @ mix.T + 0.3
+    phis = PhiS(c).fit(x)
+    z = phis(x, dim=-1)
+    var = z.var(0)
+    np.testing.assert_allclose(var.numpy(), 1.0, rtol=0.03)  # every channel carries the same variance
+    np.testing.assert_allclose(z.mean(0).numpy(), 0.0, atol=0.02)
+    torch.testing.assert_close(phis.inverse(z, dim=-1), x, rtol=0, atol=1e-10)
+    # a distance in z is a distance in x over one number (the transform is a scaled rotation)
+    d_x = (x[:100] - x[100:200]).norm(dim=1)
+    d_z = (z[:100] - z[100:200]).norm(dim=1)
+    torch.testing.assert_close(d_z * phis.scale, d_x, rtol=1e-9, atol=1e-12)
+
+
+def test_phis_on_feature_maps_uses_the_channel_axis():
+    x = torch.randn(3, 16, 5, 5, dtype=torch.float64) * torch.linspace(0.1, 3, 16, dtype=torch.float64)[:, None, None]
+    phis = PhiS(16).fit(x.permute(0, 2, 3, 1).reshape(-1, 16))
+    z = phis(x, dim=1)
+    flat = phis(x.permute(0, 2, 3, 1).reshape(-1, 16), dim=-1).reshape(3, 5, 5, 16).permute(0, 3, 1, 2)
+    torch.testing.assert_close(z, flat)
+    torch.testing.assert_close(phis.inverse(z, dim=1), x)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_folding_the_inverse_into_the_last_layer(kind):
+    torch.manual_seed(0)
+    c = 12
+    phis = PhiS(c).fit(torch.randn(500, c, dtype=torch.float64) * torch.arange(1, c + 1) + 5)
+    layer = nn.Linear(8, c) if kind == "linear" else nn.Conv2d(8, c, 1)
+    h = torch.randn(4, 8) if kind == "linear" else torch.randn(2, 8, 3, 3)
+    with torch.no_grad():
+        want = phis.inverse(layer(h).double(), dim=-1 if kind == "linear" else 1).float()
+        fold_into(layer, phis)
+        got = layer(h)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_fold_refuses_a_3x3_convolution():
+    with pytest.raises(ValueError, match="1x1"):
+        fold_into(nn.Conv2d(4, 4, 3), PhiS(4))
+
+
+# ---- config and cache --------------------------------------------------------------------------------------------
+def test_config_refuses_unknown_keys_and_round_trips(tmp_path):
+    with pytest.raises(ValueError, match="unknown keys \\['stpes'\\] in 'train'"):
+        RunConfig.from_dict({"train": {"stpes": 3}})
+    with pytest.raises(ValueError, match="unknown config keys"):
+        RunConfig.from_dict({"trian": {}})
+    config = RunConfig.from_dict({"train": {"steps": 7}, "loss": {"prompt": 0.5}})
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(config.to_dict()))
+    assert RunConfig.load(path).to_dict() == config.to_dict()
+    for name in ("cpu_vits256.json",):
+        RunConfig.load(REPO / "training" / "distill" / "configs" / name)  # the shipped configs parse
+
+
+def test_int8_targets_keep_small_channels():
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((8, 16, 16)) * np.logspace(-3.5, -0.8, 8)[:, None, None]).astype(np.float32)
+    q, scale = quantise_int8(x)
+    assert q.dtype == np.int8 and scale.dtype == np.float16
+    back = dequantise_int8(q, scale)
+    rel = np.abs(back - x).reshape(8, -1).max(1) / np.abs(x).reshape(8, -1).max(1)
+    assert rel.max() < 0.01  # per-channel scales: the near-dead channels keep their shape too
+
+
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(59)]
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    """A tiny-lite teachers bundle (random weights), a 32-item cache encoded by it, and a config pointing at both."""
+    root = tmp_path_factory.mktemp("distill")
+    torch.manual_seed(0)
+    configs = preset_configs("tiny-lite")
+    vocab = root / "vocab.txt"
+    vocab.write_text("\n".join(VOCAB) + "\n")
+    teachers = save_bundle(root / "teachers", "teachers", configs, build_components("teachers", configs), vocab,
+                           name="tiny-teachers", version="1")
+    config = RunConfig.from_dict({
+        "name": "test",
+        "teachers": {"set": "tiny-lite", "models": {r: str(teachers) for r in ("sam", "dino", "clip")},
+                     "sam_heads": str(teachers)},
+        "cache": {"items": 32, "image_size": 256},
+        "student": {"preset": "tiny", "overrides": {"upsample": "learned"}},
+        "loss": {"normaliser_samples": 8, "prompt_share": 0.5},
+        "train": {"steps": 4, "batch_size": 4, "warmup": 1, "lr": 1e-4, "threads": 1, "eval_items": 8,
+                  "eval_every": 2, "log_every": 1, "checkpoint_every": 2},
+    })
+    encoders = TeacherEncoders(config)
+    rng = np.random.default_rng(0)
+    cache = root / "cache"
+    cache.mkdir()
+    (cache / "index.json").write_text(json.dumps({"settings": {"image_size": 256}}))
+    shards: dict = {}
+    for shard in range(2):
+        arrays, specs = {}, []
+        for k in range(16):
+            base = rng.random((32, 32)).astype(np.float32)
+            views = {}
+            for size in {256, *encoders.sizes}:
+                image = torch.nn.functional.interpolate(torch.from_numpy(base)[None, None], (size, size),
+                                                        mode="bilinear", align_corners=False)[0, 0].numpy()
+                views[size] = (image, Letterbox.fit((size, size), (1.0, 1.0), size))
+            features = encoders.encode(views)
+            row = {"images": np.round(views[256][0] * 255).astype(np.uint8),
+                   "body": np.packbits((views[256][0] > 0.3).reshape(-1))}
+            for name, t in features.items():
+                if name == "sam_embedding":
+                    row[name], row[name + "_scale"] = quantise_int8(t[0].numpy())
+                else:
+                    row[name] = t[0].numpy().astype(np.float16)
+            for key, value in row.items():
+                arrays.setdefault(key, []).append(value)
+            specs.append({"n": shard * 16 + k})
+        write_shard(cache, shard, arrays, specs, shards)
+    path = root / "config.json"
+    path.write_text(json.dumps(config.to_dict()))
+    return {"root": root, "config": config, "config_path": path, "cache": cache, "teachers": teachers}
+
+
+def test_cache_is_verified_on_read(tiny_setup, tmp_path):
+    import shutil
+
+    cache = TargetCache(tiny_setup["cache"])
+    assert len(cache) == 32
+    batch = cache.batch([0, 17])
+    assert batch["image"].shape == (2, 256, 256) and batch["sam_embedding"].shape == (2, 256, 64, 64)
+    assert batch["body"].dtype == torch.bool
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_setup["cache"], broken)
+    data = bytearray((broken / "shard_00001.npz").read_bytes())
+    data[-100] ^= 0xFF
+    (broken / "shard_00001.npz").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="SHA-256"):
+        TargetCache(broken).item(20)
+    with pytest.raises(FileNotFoundError, match="not a built target cache"):
+        TargetCache(tmp_path)
+
+
+# ---- the loop ----------------------------------------------------------------------------------------------------
+def _run(setup, out, steps=None, **changes):
+    from training.distill.train import Run
+
+    d = setup["config"].to_dict()
+    for section, values in changes.items():
+        d[section].update(values)
+    run = Run(RunConfig.from_dict(d), setup["cache"], out, log=lambda *a: None)
+    run.run(steps)
+    return run
+
+
+def _state(run):
+    return {k: v.clone() for k, v in run.model.state_dict().items()}
+
+
+def test_interrupted_run_resumes_bit_for_bit(tiny_setup, tmp_path):
+    straight = _run(tiny_setup, tmp_path / "straight")
+    first = _run(tiny_setup, tmp_path / "split", steps=2)
+    assert first.step == 2
+    resumed = _run(tiny_setup, tmp_path / "split")
+    assert resumed.step == 4
+    a, b = _state(straight), _state(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    log = [json.loads(l) for l in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    straight_log = [json.loads(l) for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in log] == [r["loss"] for r in straight_log]
+    assert "eval" in log[1] and "cosine:sam_embedding@128" in log[1]["eval"]
+
+
+def test_resume_refuses_another_config(tiny_setup, tmp_path):
+    _run(tiny_setup, tmp_path / "run", steps=2)
+    with pytest.raises(SystemExit, match="another config"):
+        _run(tiny_setup, tmp_path / "run", train={"lr": 3e-4})
+
+
+def test_training_lowers_the_loss_and_every_balancing_mode_runs(tiny_setup, tmp_path):
+    run = _run(tiny_setup, tmp_path / "fixed", train={"steps": 12, "lr": 2e-3, "eval_every": 100})
+    log = [json.loads(l) for l in (tmp_path / "fixed" / "metrics.jsonl").read_text().splitlines()]
+    for term in ("loss:sam_embedding", "loss:dino_patches", "loss:clip_patches"):  # the learnable (dense) terms
+        assert np.mean([r[term] for r in log[-3:]]) < 0.95 * np.mean([r[term] for r in log[:3]]), term
+    assert run.model.normalisers["sam_embedding"].scale > 0
+    for mode in ("drop", "attention", "gating"):
+        out = tmp_path / mode
+        _run(tiny_setup, out, balance={"mode": mode}, train={"steps": 2},
+             loss={"return_decoder": 0.1} if mode == "gating" else {})
+        record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+        weights = [v for k, v in record.items() if k.startswith("weight:")]
+        assert len(weights) == 3 and abs(sum(weights) - 3) < 1e-5, (mode, record)
+        if mode == "gating":
+            assert "loss:return:sam_embedding" in record
+
+
+def test_two_process_ddp_matches_one_process_with_the_whole_batch(tiny_setup, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    common = ["--config", str(tiny_setup["config_path"]), "--cache", str(tiny_setup["cache"])]
+    one = subprocess.run([sys.executable, "-m", "training.distill.train", *common, "--out", str(tmp_path / "one")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "training.distill.train", *common, "--out", str(tmp_path / "two")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    logs = [[json.loads(l) for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+            for run in ("one", "two")]
+    assert [r["step"] for r in logs[0]] == [r["step"] for r in logs[1]] == [1, 2, 3, 4]
+    np.testing.assert_allclose([r["loss"] for r in logs[1]], [r["loss"] for r in logs[0]], rtol=1e-4)
+    states = [torch.load(tmp_path / run / "checkpoint.pt", weights_only=True)["model"] for run in ("one", "two")]
+    for key, value in states[0].items():
+        if value.is_floating_point():
+            # Adam can amplify float rounding on near-zero gradients up to lr per step: 4 steps of lr 1e-4
+            torch.testing.assert_close(states[1][key], value, rtol=0, atol=5e-4, msg=key)
+
+
+def test_export_folds_the_normalisers_and_the_student_backend_runs_it(tiny_setup, tmp_path):
+    from PRISMRTLib.features.backends import StudentBackend
+    from training.distill.export import export
+
+    run = _run(tiny_setup, tmp_path / "run")
+    images = TargetCache(tiny_setup["cache"]).batch([30, 31])["image"]
+    images = torch.nn.functional.interpolate(images[:, None], (128, 128), mode="bilinear", antialias=True)[:, 0]
+    folder = export(tmp_path / "run", tmp_path / "bundle", check_images=images)
+    bundle = load_bundle(folder)
+    assert bundle.kind == "prismrt" and set(bundle.roles) == {"sam", "dino", "clip"}
+    with torch.no_grad():
+        pred, _ = run.model.predict(images)
+        got = bundle.modules["student"](images)
+    for name, z in pred.items():  # float16 storage: agree to its precision
+        want = run.model.denormalise(name, z)
+        assert float((got[name] - want).abs().max()) <= 2e-3 * float(want.abs().max()) + 1e-4, name
+    backend = StudentBackend(bundle)
+    features = backend.encode(np.random.default_rng(0).random((2, 40, 50)).astype(np.float32))
+    assert features.sam_embedding.shape == (2, 256, 64, 64)
+    assert features.dino_patches.shape[1:] == (48, 8, 8) and features.clip_embedding.shape == (2, 32)
