@@ -133,7 +133,8 @@ def _optimizer(model: DistillModel, config: RunConfig) -> torch.optim.Optimizer:
 # ---- the loop ----------------------------------------------------------------------------------------------------
 class Run:
     def __init__(self, config: RunConfig, cache: "str | Path", out: "str | Path", device: str | None = None,
-                 log=print):
+                 log=None):
+        log = log or (lambda *a, **k: print(*a, **k, flush=True))
         self.config, self.out = config, Path(out)
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
