@@ -7,8 +7,8 @@ A :class:`SegmentationSession` holds one volume, one slice orientation and one s
 - points are LPS millimetres, mapped exactly to the slice pixel grid (:class:`SlicePlane`) and into the model grid
   (:class:`Letterbox`); masks come back the same way and are written into the volume grid;
 - :meth:`propagate` grows the mask slice by slice in both directions, each slice prompted by its neighbour's mask
-  (box, interior point and mask logits), within the extent the two orthogonal views through the seed show, and
-  stops earlier where predicted quality or area says the structure ended;
+  (its box and interior point; the components overlapping it kept), within the extent the two orthogonal views
+  through the seed show, and stops earlier where predicted quality or area says the structure ended;
 - every interaction can be undone and redone.
 """
 
@@ -22,7 +22,7 @@ import SimpleITK as sitk
 from ..errors import GeometryError, PrismRTError
 from ..features import FeatureBackend, SliceFeatures, VolumeFeatures
 from ..imaging import Geometry, Orientation, SlicePlane, Window, check_volume, slice_intensity
-from .predictor import MaskPredictor, SlicePrompts
+from .predictor import MASK_PROMPT_LOGIT, MaskPredictor, SlicePrompts
 from .prompts import bounding_box, deepest_point
 from .quality import propagation_warnings, slice_warnings
 
@@ -62,6 +62,15 @@ def interior_point(mask: np.ndarray) -> tuple[int, int] | None:
 
 def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     return bounding_box(mask)
+
+
+def _components_touching(mask: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """The 8-connected components of a 2D mask that overlap ``other``; the whole mask when none does (propagation's
+    overlap stop rule then decides)."""
+    if not (mask & other).any():
+        return mask
+    labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)), True))
+    return np.isin(labels, np.setdiff1d(np.unique(labels[mask & other]), [0]))
 
 
 def _component_at(mask: np.ndarray, pixel) -> np.ndarray:
@@ -157,6 +166,21 @@ class SegmentationSession:
     def _mask_prompt(self, index: int, mask: np.ndarray) -> np.ndarray:
         return self.predictor.mask_prompt(self.features(index), mask)
 
+    def _without(self, index: int, logits: np.ndarray | None, removed: np.ndarray,
+                 kept: np.ndarray) -> np.ndarray | None:
+        """The low-resolution logits kept for the next click, with what a rule cut from the mask (a lone click's
+        islands, propagation's pieces away from the neighbour's mask) pushed to -MASK_PROMPT_LOGIT or below: a
+        corrective click refines the mask the user sees, not SAM's uncut one (whose islands came back with it)."""
+        if logits is None or not removed.any():
+            return logits
+        features = self.features(index)
+        # coarse cells the cut pieces touch and the kept mask does not (the two can share a cell at their gap)
+        gone = ((self.predictor.mask_prompt(features, removed) > -MASK_PROMPT_LOGIT)
+                & (self.predictor.mask_prompt(features, kept) <= -MASK_PROMPT_LOGIT))
+        if gone.shape != np.shape(logits):
+            return logits
+        return np.where(gone, np.minimum(logits, -MASK_PROMPT_LOGIT), logits).astype(np.float32)
+
     def slice_warnings(self, index: int, mask: np.ndarray, score: float, prompts: SlicePrompts) -> list[str]:
         """Why the mask on slice ``index`` may be poor (empty, unsure, filling its box, a click on air, ...)."""
         clicks = [(r, c, label) for (r, c), label in zip(prompts.points, prompts.labels)]
@@ -211,7 +235,8 @@ class SegmentationSession:
             if previous is None and prompts.box is None and list(prompts.labels) == [1]:
                 # a lone click means one object: SAM's mask can add distant look-alikes (measured on the clinical
                 # GTVs and organs: 1-click HD95 32 -> 19 mm, Dice 0.77 -> 0.79; docs/evaluation/delineation_clinical.md)
-                mask = _component_at(mask, prompts.points[0])
+                kept = _component_at(mask, prompts.points[0])
+                logits, mask = self._without(index, logits, mask & ~kept, kept), kept
         self.prompts[index] = prompts
         self._write(index, mask, logits, "clicks")
         self._commit(step)
@@ -325,13 +350,32 @@ class SegmentationSession:
             return None
         return CrossViewGuide(min(reach), max(reach), views)
 
+    def _propagate_slice(self, index: int, previous: np.ndarray, carry_mask: bool = False):
+        """Slice ``index``'s mask from its neighbour's mask ``previous``: (prompts, mask, score, logits).
+
+        The prompts are the neighbour's box and most interior point; the neighbour's mask is not a mask prompt
+        (unless ``carry_mask``, the rule before 2026-12-02), and only the components of the new mask that overlap
+        the neighbour's are kept. Fed the neighbour's mask, the fine-tuned LiteMedSAM copies it: the area stayed
+        within a few % of the seed's over whole GTVs while the tumour grew or tapered (STS_002: 2340 px on a slice
+        with no tumour, 2272 px where it has 721), so the seed's error reached every slice. Box and point alone let
+        the model follow the image; the overlap rule drops what it adds away from the structure (LUNG1-001 without
+        it: a 12,000 px leak at the tumour's end, HD95 171 mm). docs/evaluation/delineation_clinical.md."""
+        r0, c0, r1, c1 = mask_box(previous)
+        prompts = SlicePrompts(points=[interior_point(previous)], labels=[1], box=(r0, c0, r1, c1))
+        mask, score, logits = self._predict(index, prompts, self._mask_prompt(index, previous) if carry_mask else None)
+        if carry_mask:
+            return prompts, mask, score, logits
+        kept = _components_touching(mask, previous)
+        return prompts, kept, score, self._without(index, logits, mask & ~kept, kept)
+
     def propagate(self, from_index: int | None = None, *, min_score: float = 0.5, min_area_mm2: float = 20.0,
                   min_overlap: float = 0.2, max_slices: int | None = None, cross_views: bool = True,
-                  cross_view_margin_mm: float = 5.0, progress=None) -> sitk.Image:
+                  cross_view_margin_mm: float = 5.0, carry_mask: bool = False, progress=None) -> sitk.Image:
         """Grow the mask from a drawn slice outward in both directions until the structure ends.
 
-        Each new slice is prompted with its neighbour's box, the neighbour's most interior point and its mask (as
-        +-MASK_PROMPT_LOGIT logits).
+        Each new slice is prompted with its neighbour's box and most interior point, and keeps the components of its
+        mask that overlap the neighbour's (:meth:`_propagate_slice`; ``carry_mask``: the neighbour's mask as
+        +-MASK_PROMPT_LOGIT logits too, the rule before 2026-12-02, under which the seed's error is copied on).
         With ``cross_views`` the structure is first segmented in the two orthogonal planes through the seed
         (:meth:`cross_view_guide`) and propagation goes no further than the slices they reach plus
         ``cross_view_margin_mm``: the 2D model sees a structure's ends there, but not from one slice to the next (the
@@ -389,9 +433,7 @@ class SegmentationSession:
                         break
                     if index not in step.before:
                         step.before[index] = self._state(index)
-                    r0, c0, r1, c1 = mask_box(previous)
-                    prompts = SlicePrompts(points=[interior_point(previous)], labels=[1], box=(r0, c0, r1, c1))
-                    mask, score, logits = self._predict(index, prompts, self._mask_prompt(index, previous))
+                    prompts, mask, score, logits = self._propagate_slice(index, previous, carry_mask)
                     area = self._area_mm2(mask)
                     overlap = 2 * np.count_nonzero(mask & previous) / max(
                         1, np.count_nonzero(mask) + np.count_nonzero(previous))

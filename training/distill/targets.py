@@ -38,19 +38,14 @@ from PRISMRTLib.imaging.intensity import Window
 from PRISMRTLib.imaging.resize import crop_with_padding
 from PRISMRTLib.weights.cache import sha256_file
 
+from training.views import WINDOW_WEIGHTS, WINDOWS, weighted_choice
+
 from .config import CacheConfig, RunConfig
 
 PLAN_VERSION = 1
 ITEMS_PER_SHARD = 16
 AIR_HU = -1024.0
 BODY_HU = -400.0
-WINDOWS = {"soft-tissue": (40, 400), "lung": (-600, 1500), "head-and-neck": (60, 350), "bone": (400, 1800)}
-WINDOW_WEIGHTS = {
-    "openkbp": {"soft-tissue": 0.45, "head-and-neck": 0.4, "bone": 0.05, "lung": 0.1},
-    "lung1": {"soft-tissue": 0.45, "lung": 0.45, "bone": 0.05, "head-and-neck": 0.05},
-    "ts_abdomen": {"soft-tissue": 0.75, "head-and-neck": 0.1, "lung": 0.05, "bone": 0.1},
-    "ts_aorta": {"soft-tissue": 0.7, "head-and-neck": 0.1, "lung": 0.1, "bone": 0.1},
-}
 HELD_OUT = {
     "openkbp": "validation-pats (all 33: the delineation and registration evaluations)",
     "clinical": "STS_001, STS_002, PAT1 (IBSI phantom; a crop of LUNG1-002). LUNG1-001/002 images are in training "
@@ -111,12 +106,6 @@ class ViewSpec:
     window: tuple[float, float]  # (level, width) HU
 
 
-def _choice(rng: np.random.Generator, weights: dict):
-    keys = list(weights)
-    p = np.array([weights[k] for k in keys], float)
-    return keys[int(rng.choice(len(keys), p=p / p.sum()))]
-
-
 class Planner:
     """View ``n`` of the plan (counter-based): source, CT, orientation, slice with body in it, crop, window."""
 
@@ -146,10 +135,10 @@ class Planner:
     def plan(self, n: int) -> ViewSpec:
         c = self.config
         rng = np.random.default_rng([c.seed, PLAN_VERSION, int(n)])
-        source = _choice(rng, self.weights)
+        source = weighted_choice(rng, self.weights)
         volumes = self.volumes[source]
         volume = volumes[int(rng.integers(len(volumes)))]
-        orientation = _choice(rng, c.orientations)
+        orientation = weighted_choice(rng, c.orientations)
         plane = self.plane(volume, orientation)
         slices = self.body_slices(volume, orientation)
         index = int(slices[int(rng.integers(len(slices)))]) if len(slices) else int(rng.integers(plane.num_slices))
@@ -162,7 +151,7 @@ class Planner:
             body = np.argwhere(plane.extract(volume.hu, index) > BODY_HU)
             centre = body[int(rng.integers(len(body)))].astype(float) if len(body) else np.array([rows, cols]) / 2
             crop = (float(centre[0] - h / 2), float(centre[1] - w / 2), float(h), float(w))
-        preset = _choice(rng, WINDOW_WEIGHTS.get(source, WINDOW_WEIGHTS["ts_abdomen"]))
+        preset = weighted_choice(rng, WINDOW_WEIGHTS.get(source, WINDOW_WEIGHTS["ts_abdomen"]))
         level, width = WINDOWS[preset]
         window = (level + float(rng.normal(0, 0.08 * width)), max(50.0, width * float(np.exp(rng.normal(0, 0.2)))))
         return ViewSpec(source, volume.name, orientation, index, crop, window)

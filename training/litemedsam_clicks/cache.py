@@ -39,6 +39,8 @@ from PRISMRTLib.weights.cache import sha256_file
 from PRISMRTLib.models.litemedsam import (LITEMEDSAM_PRESETS, build_litemedsam, litemedsam_input,
                                           read_released_checkpoint, released_checkpoint_path)
 
+from training.views import WINDOW_WEIGHTS, WINDOWS, weighted_choice
+
 from .sources import Volume, training_volumes
 
 SIZE = 256
@@ -50,14 +52,6 @@ AIR_HU = -1024.0
 
 SOURCE_WEIGHTS = {"openkbp": 0.35, "lung1": 0.25, "ts_abdomen": 0.25, "ts_aorta": 0.15}
 ORIENTATIONS = (("axial", 0.6), ("coronal", 0.2), ("sagittal", 0.2))
-# window presets (level, width) and their weights per source: the ones a reader of that anatomy would use, mostly
-WINDOWS = {"soft-tissue": (40, 400), "lung": (-600, 1500), "head-and-neck": (60, 350), "bone": (400, 1800)}
-WINDOW_WEIGHTS = {
-    "openkbp": {"soft-tissue": 0.45, "head-and-neck": 0.4, "bone": 0.05, "lung": 0.1},
-    "lung1": {"soft-tissue": 0.45, "lung": 0.45, "bone": 0.05, "head-and-neck": 0.05},
-    "ts_abdomen": {"soft-tissue": 0.75, "head-and-neck": 0.1, "lung": 0.05, "bone": 0.1},
-    "ts_aorta": {"soft-tissue": 0.7, "head-and-neck": 0.1, "lung": 0.1, "bone": 0.1},
-}
 
 
 @dataclass
@@ -69,12 +63,6 @@ class ViewSpec:
     crop: tuple[float, float, float, float]  # (row0, col0, rows, cols) in slice pixels; may reach outside
     window: tuple[float, float]  # (level, width) HU
     structure: str  # the structure the view was drawn for ("" when drawn uniformly)
-
-
-def _choice(rng: np.random.Generator, weights: dict):
-    keys = list(weights)
-    p = np.array([weights[k] for k in keys], float)
-    return keys[int(rng.choice(len(keys), p=p / p.sum()))]
 
 
 class Planner:
@@ -103,10 +91,10 @@ class Planner:
 
     def plan(self, n: int) -> ViewSpec:
         rng = np.random.default_rng([self.seed, PLAN_VERSION, int(n)])
-        source = _choice(rng, self.weights)
+        source = weighted_choice(rng, self.weights)
         volumes = self.volumes[source]
         volume = volumes[int(rng.integers(len(volumes)))]
-        orientation = _choice(rng, dict(ORIENTATIONS))
+        orientation = weighted_choice(rng, dict(ORIENTATIONS))
         plane = self.plane(volume, orientation)
         names = sorted(volume.structures)
         name = names[int(rng.integers(len(names)))]
@@ -134,7 +122,7 @@ class Planner:
                 centre = pixels.mean(0)
             centre = centre + rng.uniform(-0.3, 0.3, 2) * np.array([h, w])
             crop = (float(centre[0] - h / 2), float(centre[1] - w / 2), float(h), float(w))
-        preset = _choice(rng, WINDOW_WEIGHTS[source])
+        preset = weighted_choice(rng, WINDOW_WEIGHTS[source])
         level, width = WINDOWS[preset]
         window = (level + float(rng.normal(0, 0.08 * width)), width * float(np.exp(rng.normal(0, 0.2))))
         return ViewSpec(source, volume.name, orientation, index, crop, window, name)

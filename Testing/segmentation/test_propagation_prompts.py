@@ -70,3 +70,22 @@ def test_propagation_keeps_only_what_overlaps_the_neighbours_mask():
     assert len(propagated) >= 10
     assert not mask[propagated][:, :4, :4].any()
     assert _dice(mask, obj) > 0.95
+
+
+def test_what_a_rule_cuts_from_the_mask_leaves_the_logits_the_next_click_refines():
+    """The lone-click and overlap rules cut pieces from SAM's mask; the low-resolution logits kept for the next
+    corrective click lose them too (pushed to -MASK_PROMPT_LOGIT), so the click refines the mask the user sees."""
+    from PRISMRTLib.segmentation import MASK_PROMPT_LOGIT
+
+    image, obj = _cone()
+    session = SegmentationSession(OracleBackend(), image, "axial", window="soft-tissue")
+    index = 2
+    features = session.features(index)
+    kept, removed = obj[index].copy(), np.zeros_like(obj[index])
+    removed[:6, :6] = True
+    grid = session.predictor.mask_prompt(features, kept).shape
+    logits = session._without(index, np.full(grid, 5.0, np.float32), removed, kept)
+    back = features.letterbox.resize_to_slice(logits, order=0)
+    assert (back[:5, :5] <= -MASK_PROMPT_LOGIT).all()  # the cut piece (its border cells aside)
+    assert (back[kept] == 5.0).all() and (back[30:40, 40:] == 5.0).all()  # the kept mask, and elsewhere, untouched
+    assert session._without(index, None, removed, kept) is None
