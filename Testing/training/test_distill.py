@@ -293,3 +293,112 @@ def test_export_folds_the_normalisers_and_the_student_backend_runs_it(tiny_setup
     features = backend.encode(np.random.default_rng(0).random((2, 40, 50)).astype(np.float32))
     assert features.sam_embedding.shape == (2, 256, 64, 64)
     assert features.dino_patches.shape[1:] == (48, 8, 8) and features.clip_embedding.shape == (2, 32)
+
+
+# ---- judging the student (evaluate.py) ---------------------------------------------------------------------------
+def test_fidelity_nmse_is_the_phis_space_mse_and_scores_the_mean_as_one():
+    from training.distill.evaluate import fidelity_of
+    from training.distill.model import dense_fidelity
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(6, 16, 8, 8, generator=g) * torch.logspace(-2, 0, 16)[None, :, None, None] + 3.0
+    pred = target + 0.3 * torch.randn(target.shape, generator=g)
+    assert fidelity_of(target, target)["nmse"] == pytest.approx(0.0, abs=1e-9)
+    assert fidelity_of(target, target)["cosine"] == pytest.approx(1.0, abs=1e-5)
+    mean = target.mean((0, 2, 3), keepdim=True).expand_as(target)
+    assert fidelity_of(mean, target)["nmse"] == pytest.approx(1.0, rel=1e-5)
+    reference = PhiS(16).fit(target.permute(0, 2, 3, 1).reshape(-1, 16))
+    # the same number, up to the fit's unbiased variance (384 pixels: 0.3 %)
+    assert fidelity_of(pred, target)["nmse"] == pytest.approx(dense_fidelity(pred, target, reference)["nmse"],
+                                                                 rel=1e-2)
+
+
+def test_probe_labels_keep_their_place_and_the_probe_separates_what_is_separable():
+    from training.distill.evaluate import PROBE_CLASSES, _labels_on_grid, fit_probe, probe_scores
+
+    # a 100 x 200 slice (rows x cols, 2 mm x 1 mm pixels: square in mm), organ 2 in the top-left, organ 3 lower right
+    label = np.ones((100, 200), np.uint8)
+    label[10:30, 20:60] = 2
+    label[60:90, 140:190] = 3
+    box = Letterbox.fit((100, 200), (2.0, 1.0), 64)
+    grid = _labels_on_grid(label, box, (0.0, 0.0, 100.0, 200.0), 16)
+    rows, cols = np.nonzero(grid == 2)
+    assert rows.max() < 6 and cols.max() < 6  # top-left, not transposed or flipped
+    rows, cols = np.nonzero(grid == 3)
+    assert rows.min() >= 9 and cols.min() >= 10
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, len(PROBE_CLASSES), (3000,), generator=g)
+    x = torch.nn.functional.one_hot(y, len(PROBE_CLASSES)).float() * 3 + torch.randn(3000, 9, generator=g) * 0.3
+    mean, std, linear = fit_probe(x[:2000], y[:2000], len(PROBE_CLASSES), steps=50)
+    with torch.no_grad():
+        pred = linear((x[2000:] - mean) / std).argmax(1)
+    assert probe_scores(pred, y[2000:], len(PROBE_CLASSES))["organ mean"] > 0.99
+    noise = torch.randn(3000, 9, generator=g)
+    mean, std, linear = fit_probe(noise[:2000], y[:2000], len(PROBE_CLASSES), steps=50)
+    with torch.no_grad():
+        pred = linear((noise[2000:] - mean) / std).argmax(1)
+    assert probe_scores(pred, y[2000:], len(PROBE_CLASSES))["organ mean"] < 0.3
+
+
+def _held_out_data(root: Path) -> Path:
+    """Two synthetic head-and-neck 'validation' CTs (a body ellipse, brainstem and cord blocks) in OpenKBP's layout."""
+    import SimpleITK as sitk
+
+    for n, patient in enumerate(("pt_201", "pt_202")):
+        folder = root / "openkbp" / "validation-pats" / patient
+        folder.mkdir(parents=True)
+        z, y, x = np.mgrid[:12, :48, :48]
+        hu = np.where(((y - 24) / 20.0) ** 2 + ((x - 24) / 16.0) ** 2 < 1, 40, -1000).astype(np.int16)
+        masks = {"Brainstem": (abs(y - 20) < 4) & (abs(x - 24) < 4) & (z > 5),
+                 "SpinalCord": (abs(y - 32 - n) < 3) & (abs(x - 24) < 3) & (z < 8)}
+        for name, array in {"ct": hu, **masks}.items():
+            image = sitk.GetImageFromArray(array.astype(np.int16 if name == "ct" else np.uint8))
+            image.SetSpacing((3.9, 3.9, 2.5))
+            sitk.WriteImage(image, str(folder / f"{name}.nii.gz"))
+    return root
+
+
+def test_evaluate_fidelity_and_probe_run_on_held_out_images(tiny_setup, tmp_path):
+    from training.distill.evaluate import fidelity, fidelity_markdown, probe, probe_markdown
+
+    _run(tiny_setup, tmp_path / "run")
+    data = _held_out_data(tmp_path / "data")
+    result = fidelity(tmp_path / "run", sizes=(128, 256), views=3, data=data, log=lambda *a: None)
+    names = {r["feature"] for r in result["rows"]}
+    assert {"sam_embedding", "dino_patches", "clip_patches", "dino_cls", "clip_cls"} <= names
+    assert {r["input_size"] for r in result["rows"]} == {128, 256}
+    assert result["sources"] == {"openkbp": ["pt_201", "pt_202"]}
+    assert all(-1 <= r["cosine"] <= 1 and r["nmse"] >= 0 for r in result["rows"])
+    assert "| sam_embedding |" in fidelity_markdown(result)
+    result = probe(tmp_path / "run", patients=2, slices=2, data=data, log=lambda *a: None)
+    assert result["train_patients"] == ["pt_201"] and result["test_patients"] == ["pt_202"]
+    kinds = [r["features"] for r in result["rows"]]
+    assert kinds[:2] == ["student tokens (trained)", "student tokens (random init, control)"]
+    assert "teacher sam_embedding" in kinds and "student -> sam_embedding" in kinds
+    assert all(0 <= r["body"] <= 1 for r in result["rows"])
+    assert "| student tokens (trained) |" in probe_markdown(result)
+
+
+def test_evaluate_delineation_puts_teacher_and_student_through_the_same_prompts(tiny_setup, tmp_path):
+    import SimpleITK as sitk
+
+    from training.distill.evaluate import delineation, delineation_markdown
+    from training.distill.export import export
+
+    _run(tiny_setup, tmp_path / "run")
+    bundle = export(tmp_path / "run", tmp_path / "bundle")
+    z, y, x = np.mgrid[:8, :40, :40]
+    ct = np.where(((y - 20) ** 2 + (x - 20) ** 2) < 300, 40, -1000).astype(np.int16)
+    ct[((z - 4) ** 2 * 4 + (y - 18) ** 2 + (x - 22) ** 2) < 40] = 200
+    for name, array in {"ct": ct, "lesion": (ct == 200).astype(np.uint8)}.items():
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing((1.0, 1.0, 2.5))
+        sitk.WriteImage(image, str(tmp_path / f"{name}.nii.gz"))
+    cases = tmp_path / "cases.json"
+    cases.write_text(json.dumps({"name": "tiny", "cases": [
+        {"id": "synthetic", "image": "ct.nii.gz", "structures": {"lesion": "lesion.nii.gz"}, "group": "lesion"}]}))
+    result = delineation(str(bundle), tmp_path / "out", [cases], teacher=str(tiny_setup["teachers"]), clicks=2)
+    assert result["teacher"] != result["student"]
+    assert [(r["mode"], r["prompts"]) for r in result["rows"]] == [("2d", "1 click"), ("2d", "2 clicks")]
+    assert all(0 <= r["teacher_dice"] <= 1 and 0 <= r["student_dice"] <= 1 for r in result["rows"])
+    assert "eval-seg" in result["eval_seg_command"] and "| lesion | 2d | 1 click |" in delineation_markdown(result)
