@@ -57,6 +57,7 @@ class FeatureBackend:
 
     name = ""
     default_window = "soft-tissue"  # the CT window delineation uses unless told (the SAM teacher's, if known)
+    propagation = "box-point"  # how delineation's propagation prompts a slice (the SAM teacher's, if known)
 
     def __init__(self, device: str = "cpu", half: bool | None = None, batch_size: int = 8):
         self.batch_size = max(1, int(batch_size))
@@ -196,6 +197,11 @@ class StudentBackend(FeatureBackend):
         sam = self.bundle.teachers.get("sam")
         return sam.default_window if sam is not None else FeatureBackend.default_window
 
+    @property
+    def propagation(self) -> str:
+        sam = self.bundle.teachers.get("sam")
+        return sam.propagation if sam is not None else FeatureBackend.propagation
+
     @torch.inference_mode()
     def _encode_chunk(self, slices, box, roles=None):
         student = self.bundle.modules["student"]
@@ -290,6 +296,10 @@ class TeacherBackend(FeatureBackend):
     @property
     def default_window(self) -> str:
         return self.teacher("sam").spec.default_window if "sam" in self._sources else FeatureBackend.default_window
+
+    @property
+    def propagation(self) -> str:
+        return self.teacher("sam").spec.propagation if "sam" in self._sources else FeatureBackend.propagation
 
     def describe(self) -> str:
         """The teachers loaded so far (those a task used), e.g. "teachers: sam=litemedsam-clicks 1"."""

@@ -176,6 +176,10 @@ class TeacherSpec:
     weights: str = ""  # where real weights come from, and how they reach a bundle
     licence: str = ""
     default_window: str = "soft-tissue"  # the CT window the model was trained with (sam role: delineation's default)
+    # sam role: how propagation prompts the next slice: "box-point" (the neighbour's box and interior point) or
+    # "mask-prompt" (those and the neighbour's mask as a mask prompt); each model keeps the rule it measured best at
+    # (docs/evaluation/delineation_clinical.md)
+    propagation: str = "box-point"
 
     @property
     def role(self) -> str:
@@ -256,7 +260,8 @@ def _teachers() -> dict[str, TeacherSpec]:
         TeacherSpec(
             "medsam-standin", "sam-vit", MEDSAM_PRESETS["standin"], "none",
             description="MedSAM-like stand-in trained on OpenKBP head-and-neck CT (128 px; not for clinical use)",
-            weights="shipped (teachers-standin-openkbp)", licence="MIT", default_window="head-and-neck"),
+            weights="shipped (teachers-standin-openkbp)", licence="MIT", default_window="head-and-neck",
+            propagation="mask-prompt"),
         TeacherSpec(
             "dinov3", "timm-vit", DINOV3_PRESETS["vit_base"], "mean-std", **IMAGENET,
             description="DINOv3 ViT-B/16 (registers, RoPE; dense features at 512 px)",

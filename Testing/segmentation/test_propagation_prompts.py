@@ -89,3 +89,20 @@ def test_what_a_rule_cuts_from_the_mask_leaves_the_logits_the_next_click_refines
     assert (back[:5, :5] <= -MASK_PROMPT_LOGIT).all()  # the cut piece (its border cells aside)
     assert (back[kept] == 5.0).all() and (back[30:40, 40:] == 5.0).all()  # the kept mask, and elsewhere, untouched
     assert session._without(index, None, removed, kept) is None
+
+
+def test_each_model_propagates_by_its_own_rule():
+    """The default follows the SAM teacher's registry entry: the OpenKBP stand-in keeps the mask prompt its figures
+    were measured with; LiteMedSAM (released and fine-tuned) and the rest use box and point."""
+    from PRISMRTLib.models.registry import get_teacher
+
+    assert get_teacher("medsam-standin").propagation == "mask-prompt"
+    assert get_teacher("litemedsam").propagation == "box-point"
+    image, obj = _cone()
+    backend = OracleBackend(echo_mask=True)
+    backend.propagation = "mask-prompt"
+    session = SegmentationSession(backend, image, "axial", window="soft-tissue")
+    seed = _seeded(session, obj)
+    session.propagate(from_index=seed, min_area_mm2=1.0, cross_views=False)
+    copied = session.mask.astype(bool)
+    assert np.array_equal(copied[seed + 8], copied[seed])  # the mask prompt's copy: this backend asked for it

@@ -402,3 +402,14 @@ def test_evaluate_delineation_puts_teacher_and_student_through_the_same_prompts(
     assert [(r["mode"], r["prompts"]) for r in result["rows"]] == [("2d", "1 click"), ("2d", "2 clicks")]
     assert all(0 <= r["teacher_dice"] <= 1 and 0 <= r["student_dice"] <= 1 for r in result["rows"])
     assert "eval-seg" in result["eval_seg_command"] and "| lesion | 2d | 1 click |" in delineation_markdown(result)
+
+
+def test_a_run_warm_starts_from_another_runs_checkpoint_with_the_same_normalisers(tiny_setup, tmp_path):
+    first = _run(tiny_setup, tmp_path / "first")
+    second = _run(tiny_setup, tmp_path / "second", steps=0, student={"init": f"run:{tmp_path / 'first'}"})
+    for key, value in first.model.state_dict().items():  # the student and its normalisers
+        if key.startswith(("student.", "normalisers.")):
+            assert torch.equal(value, second.model.state_dict()[key]), key
+    with pytest.raises(ValueError, match="warm-start only from a run with the same"):
+        _run(tiny_setup, tmp_path / "third", steps=0, student={"init": f"run:{tmp_path / 'first'}"},
+             loss={"normaliser": "identity"})

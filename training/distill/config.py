@@ -38,7 +38,9 @@ class CacheConfig:
 class StudentSection:
     preset: str = "vit_small_256"
     overrides: dict = field(default_factory=dict)  # StudentConfig fields (e.g. token_gates)
-    init: str = "random"  # "random", or "bundle:FOLDER_OR_NAME" (a prismrt bundle's student), or "timm:FILE"
+    # "random"; "bundle:FOLDER_OR_NAME" (a prismrt bundle's student); "run:FOLDER" (warm start from a run's checkpoint on
+    # the same cache and normaliser settings); "timm:FILE" (a backbone state dict)
+    init: str = "random"
 
 
 @dataclass

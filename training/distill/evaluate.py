@@ -245,11 +245,11 @@ def probe_features(config, student, teachers, views, log=print) -> dict[str, lis
 
 def fit_probe(x_train: torch.Tensor, y_train: torch.Tensor, classes: int, steps: int = 200,
               weight_decay: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor, torch.nn.Linear]:
-    """Multinomial logistic regression on standardised features, class-balanced loss, full-batch L-BFGS."""
+    """Multinomial logistic regression on standardised features, plain (unweighted) cross-entropy as in the usual
+    linear segmentation probes, full-batch L-BFGS. (Class-balanced weights made the rare organs spill over the
+    body: body Dice 0.22-0.88 on the first run.)"""
     mean, std = x_train.mean(0), x_train.std(0).clamp(min=1e-6)
     x = (x_train - mean) / std
-    counts = torch.bincount(y_train, minlength=classes).float()
-    weight = torch.where(counts > 0, counts.sum() / (classes * counts.clamp(min=1)), torch.zeros_like(counts))
     torch.manual_seed(0)
     linear = torch.nn.Linear(x.shape[1], classes)
     opt = torch.optim.LBFGS(linear.parameters(), lr=1.0, max_iter=steps, history_size=20,
@@ -257,7 +257,7 @@ def fit_probe(x_train: torch.Tensor, y_train: torch.Tensor, classes: int, steps:
 
     def closure():
         opt.zero_grad()
-        loss = F.cross_entropy(linear(x), y_train, weight=weight) + weight_decay * linear.weight.pow(2).sum()
+        loss = F.cross_entropy(linear(x), y_train) + weight_decay * linear.weight.pow(2).sum()
         loss.backward()
         return loss
 
@@ -364,8 +364,11 @@ def delineation_markdown(result: dict) -> str:
         lines.append(f"| {r['structure']} | {r['mode']} | {r['prompts']} | {r['cases']} | {r['teacher_dice']:.3f} "
                      f"| {r['student_dice']:.3f} | {r['share']:.1%} | {'yes' if r['meets_95'] else 'no'} |")
     if result["wilcoxon_dice"]:
-        lines += ["", "Paired Wilcoxon tests (eval-seg's, over case-structure pairs):", "", "```",
-                  json.dumps(result["wilcoxon_dice"], indent=1), "```"]
+        lines += ["", "Paired Wilcoxon signed-rank tests on Dice (eval-seg's, over the case-structure pairs):", "",
+                  "| comparison | pairs | p |", "|---|---|---|"]
+        for name, w in result["wilcoxon_dice"].items():
+            lines.append(f"| {name} | {w.get('n', '')} | {w['p_value']:.4f} |" if w.get("p_value") is not None
+                         else f"| {name} | {w.get('n', '')} | |")
     return "\n".join(lines) + "\n"
 
 
