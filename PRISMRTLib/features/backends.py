@@ -57,7 +57,7 @@ class FeatureBackend:
 
     name = ""
     default_window = "soft-tissue"  # the CT window delineation uses unless told (the SAM teacher's, if known)
-    propagation = "box-point"  # how delineation's propagation prompts a slice (the SAM teacher's, if known)
+    propagation = "mask-prompt"  # how delineation's propagation prompts a slice (registry.propagation_rule)
 
     def __init__(self, device: str = "cpu", half: bool | None = None, batch_size: int = 8):
         self.batch_size = max(1, int(batch_size))
@@ -199,8 +199,11 @@ class StudentBackend(FeatureBackend):
 
     @property
     def propagation(self) -> str:
+        from ..models.registry import propagation_rule
+
         sam = self.bundle.teachers.get("sam")
-        return sam.propagation if sam is not None else FeatureBackend.propagation
+        heads = (self.bundle.meta or {}).get("sam_heads", "")  # the model whose SAM decoder the student ships
+        return propagation_rule(sam, heads) if sam is not None else FeatureBackend.propagation
 
     @torch.inference_mode()
     def _encode_chunk(self, slices, box, roles=None):
@@ -299,7 +302,12 @@ class TeacherBackend(FeatureBackend):
 
     @property
     def propagation(self) -> str:
-        return self.teacher("sam").spec.propagation if "sam" in self._sources else FeatureBackend.propagation
+        from ..models.registry import propagation_rule
+
+        if "sam" not in self._sources:
+            return FeatureBackend.propagation
+        sam = self.teacher("sam")
+        return propagation_rule(sam.spec, sam.model)
 
     def describe(self) -> str:
         """The teachers loaded so far (those a task used), e.g. "teachers: sam=litemedsam-clicks 1"."""

@@ -176,10 +176,9 @@ class TeacherSpec:
     weights: str = ""  # where real weights come from, and how they reach a bundle
     licence: str = ""
     default_window: str = "soft-tissue"  # the CT window the model was trained with (sam role: delineation's default)
-    # sam role: how propagation prompts the next slice: "box-point" (the neighbour's box and interior point) or
-    # "mask-prompt" (those and the neighbour's mask as a mask prompt); each model keeps the rule it measured best at
-    # (docs/evaluation/delineation_clinical.md)
-    propagation: str = "box-point"
+    # sam role: how propagation prompts the next slice: "mask-prompt" (the neighbour's box, interior point and mask
+    # as a mask prompt) or "box-point" (no mask prompt); fine-tuned heads can override it (HEADS_PROPAGATION)
+    propagation: str = "mask-prompt"
 
     @property
     def role(self) -> str:
@@ -260,8 +259,7 @@ def _teachers() -> dict[str, TeacherSpec]:
         TeacherSpec(
             "medsam-standin", "sam-vit", MEDSAM_PRESETS["standin"], "none",
             description="MedSAM-like stand-in trained on OpenKBP head-and-neck CT (128 px; not for clinical use)",
-            weights="shipped (teachers-standin-openkbp)", licence="MIT", default_window="head-and-neck",
-            propagation="mask-prompt"),
+            weights="shipped (teachers-standin-openkbp)", licence="MIT", default_window="head-and-neck"),
         TeacherSpec(
             "dinov3", "timm-vit", DINOV3_PRESETS["vit_base"], "mean-std", **IMAGENET,
             description="DINOv3 ViT-B/16 (registers, RoPE; dense features at 512 px)",
@@ -352,6 +350,17 @@ def spec_from_record(record: dict) -> TeacherSpec:
     differ in size, e.g. a converted DINOv3 ViT-S)."""
     spec = get_teacher(record["name"])
     return spec.with_config(FAMILIES[spec.family].config_from_dict(record["config"]))
+
+
+# SAM heads (by model name) that propagate better without the mask prompt: the fine-tuned LiteMedSAM copies a mask it
+# is given onto the next slice (GTV 3D single click 0.624 -> 0.690 without it), while the released LiteMedSAM (GTV
+# 3D box 0.423 -> 0.316) and the OpenKBP stand-in (0.329 -> 0.228) need it; docs/evaluation/delineation_clinical.md
+HEADS_PROPAGATION = {"litemedsam-clicks": "box-point"}
+
+
+def propagation_rule(spec: TeacherSpec, heads_model: str = "") -> str:
+    """How delineation propagates with this SAM teacher and the heads of model ``heads_model`` ("NAME [VERSION]")."""
+    return HEADS_PROPAGATION.get(heads_model.split(" ")[0], spec.propagation)
 
 
 def spec_record(spec: TeacherSpec) -> dict:

@@ -375,10 +375,10 @@ class SegmentationSession:
 
         Each new slice is prompted with its neighbour's box and most interior point, and keeps the components of its
         mask that overlap the neighbour's (:meth:`_propagate_slice`). ``carry_mask``: the neighbour's mask as
-        +-MASK_PROMPT_LOGIT logits too, the rule before 2026-12-02, under which the fine-tuned LiteMedSAM copies
-        the seed's error on; None (default): the backend's SAM teacher's rule (``TeacherSpec.propagation``: the
-        OpenKBP stand-in keeps the mask prompt, with which its figures were measured; without it its PTV70 demo
-        fell from 3D Dice 0.77 to 0.59).
+        +-MASK_PROMPT_LOGIT logits too, under which the fine-tuned LiteMedSAM copies the seed's error on; None
+        (default): the backend's rule (``registry.propagation_rule``: box and point for the ``litemedsam-clicks``
+        heads and students that carry them; the mask prompt for the released LiteMedSAM and the OpenKBP stand-in,
+        which do worse without it: the stand-in's PTV70 demo 3D Dice 0.77 -> 0.59).
         With ``cross_views`` the structure is first segmented in the two orthogonal planes through the seed
         (:meth:`cross_view_guide`) and propagation goes no further than the slices they reach plus
         ``cross_view_margin_mm``: the 2D model sees a structure's ends there, but not from one slice to the next (the
@@ -397,7 +397,7 @@ class SegmentationSession:
         the propagation and leaves the session as it was. Returns the 3D mask.
         """
         if carry_mask is None:
-            carry_mask = getattr(self.backend, "propagation", "box-point") == "mask-prompt"
+            carry_mask = getattr(self.backend, "propagation", "mask-prompt") == "mask-prompt"
         seeds = [i for i in self._source if self._user_owned(i) and self.plane.extract(self.mask, i).any()]
         if from_index is None:
             if not seeds:

@@ -1,4 +1,5 @@
-"""Propagation follows the image, not the neighbour's mask (SegmentationSession._propagate_slice, 2026-12-02).
+"""Propagation by box and point follows the image, not the neighbour's mask (SegmentationSession._propagate_slice,
+2026-12-02; the rule of the litemedsam-clicks heads, registry.propagation_rule).
 
 The oracle here copies a mask prompt when it gets one (``echo_mask``), as the fine-tuned LiteMedSAM nearly does:
 under the old rule (the neighbour's mask as a mask prompt) every propagated slice would be a copy of the seed's,
@@ -36,7 +37,7 @@ def test_propagated_slices_follow_the_structure_not_the_neighbours_mask():
     image, obj = _cone()
     session = SegmentationSession(OracleBackend(echo_mask=True), image, "axial", window="soft-tissue")
     seed = _seeded(session, obj)
-    session.propagate(from_index=seed, min_area_mm2=1.0, cross_views=False)
+    session.propagate(from_index=seed, min_area_mm2=1.0, cross_views=False, carry_mask=False)
     mask = session.mask.astype(bool)
     areas = mask.sum(axis=(1, 2))
     assert areas[seed + 8] < 0.5 * areas[seed]  # the cone narrows, and so does the mask
@@ -64,7 +65,7 @@ def test_propagation_keeps_only_what_overlaps_the_neighbours_mask():
     image, obj = _cone()
     session = _AddsABlobAway(OracleBackend(), image, "axial", window="soft-tissue")
     seed = _seeded(session, obj)
-    session.propagate(from_index=seed, min_area_mm2=1.0, cross_views=False)
+    session.propagate(from_index=seed, min_area_mm2=1.0, cross_views=False, carry_mask=False)
     mask = session.mask.astype(bool)
     propagated = [i for i in range(16) if i != seed and mask[i].any()]
     assert len(propagated) >= 10
@@ -92,17 +93,23 @@ def test_what_a_rule_cuts_from_the_mask_leaves_the_logits_the_next_click_refines
 
 
 def test_each_model_propagates_by_its_own_rule():
-    """The default follows the SAM teacher's registry entry: the OpenKBP stand-in keeps the mask prompt its figures
-    were measured with; LiteMedSAM (released and fine-tuned) and the rest use box and point."""
-    from PRISMRTLib.models.registry import get_teacher
-
-    assert get_teacher("medsam-standin").propagation == "mask-prompt"
-    assert get_teacher("litemedsam").propagation == "box-point"
+    """With no ``carry_mask``, propagation follows the backend's rule (registry.propagation_rule): the mask prompt
+    unless the SAM heads are known to do better without it."""
     image, obj = _cone()
-    backend = OracleBackend(echo_mask=True)
-    backend.propagation = "mask-prompt"
-    session = SegmentationSession(backend, image, "axial", window="soft-tissue")
-    seed = _seeded(session, obj)
-    session.propagate(from_index=seed, min_area_mm2=1.0, cross_views=False)
-    copied = session.mask.astype(bool)
-    assert np.array_equal(copied[seed + 8], copied[seed])  # the mask prompt's copy: this backend asked for it
+    for rule, copies in (("mask-prompt", True), ("box-point", False)):
+        backend = OracleBackend(echo_mask=True)
+        backend.propagation = rule
+        session = SegmentationSession(backend, image, "axial", window="soft-tissue")
+        seed = _seeded(session, obj)
+        session.propagate(from_index=seed, min_area_mm2=1.0, cross_views=False)
+        mask = session.mask.astype(bool)
+        assert np.array_equal(mask[seed + 8], mask[seed]) == copies, rule
+
+
+def test_the_rule_follows_the_heads_not_only_the_encoder():
+    from PRISMRTLib.models.registry import get_teacher, propagation_rule
+
+    lite = get_teacher("litemedsam")
+    assert propagation_rule(lite, "litemedsam-clicks 2") == "box-point"
+    assert propagation_rule(lite, "litemedsam 1") == "mask-prompt"  # the released, box-only heads
+    assert propagation_rule(get_teacher("medsam-standin"), "teachers-standin-openkbp 2") == "mask-prompt"

@@ -45,6 +45,16 @@ def load_run(run: Path) -> tuple[RunConfig, DistillModel, dict, dict]:
     return config, model.eval(), {"specs": specs, "heads": heads, "clip_heads": clip_heads, "bundles": bundles}, state
 
 
+def _heads_model(config: RunConfig, bundles: dict) -> str:
+    """"NAME VERSION" of the bundle whose SAM prompt encoder and mask decoder the student ships (and delineation's
+    propagation rule follows: ``registry.propagation_rule``)."""
+    from PRISMRTLib.features.resolve import model_folder
+
+    name = config.teachers.sam_heads or config.teachers.models["sam"]
+    bundle = bundles[str(Path(model_folder(name)).resolve())]
+    return f"{bundle.name} {bundle.version}"
+
+
 def export(run: "str | Path", out: "str | Path", name: str = "prismrt-student", version: str = "1",
            overwrite: bool = False, check_images: torch.Tensor | None = None) -> Path:
     run = Path(run)
@@ -74,8 +84,8 @@ def export(run: "str | Path", out: "str | Path", name: str = "prismrt-student", 
     if missing:
         raise RuntimeError(f"cannot export: missing components {sorted(missing)}")
     meta = {"run": run.name, "steps": int(state["step"]), "config": config.to_dict(),
-            "teacher_models": {role: b.name + " " + b.version for b in parts["bundles"].values()
-                               for role in b.teachers if role in specs},
+            "teacher_models": {role: config.teachers.models[role] for role in specs},
+            "sam_heads": _heads_model(config, parts["bundles"]) if "sam" in specs else "",
             "held_out": HELD_OUT}
     return save_bundle(out, "prismrt", configs, modules, vocab, name=name, version=version, meta=meta,
                        overwrite=overwrite, float_dtype=torch.float16)
