@@ -333,6 +333,10 @@ def test_probe_labels_keep_their_place_and_the_probe_separates_what_is_separable
     with torch.no_grad():
         pred = linear((x[2000:] - mean) / std).argmax(1)
     assert probe_scores(pred, y[2000:], len(PROBE_CLASSES))["organ mean"] > 0.99
+    from training.distill.evaluate import _auc
+
+    assert _auc(torch.tensor([0.1, 0.4, 0.5, 0.8]), torch.tensor([False, True, False, True])) == 0.75
+    assert _auc(torch.tensor([1.0, 1.0, 2.0]), torch.tensor([True, False, True])) == 0.75  # a tie counts half
     noise = torch.randn(3000, 9, generator=g)
     mean, std, linear = fit_probe(noise[:2000], y[:2000], len(PROBE_CLASSES), steps=50)
     with torch.no_grad():

@@ -266,7 +266,25 @@ def fit_probe(x_train: torch.Tensor, y_train: torch.Tensor, classes: int, steps:
     return mean, std, linear
 
 
-def probe_scores(pred: torch.Tensor, truth: torch.Tensor, classes: int) -> dict[str, float]:
+def _auc(score: torch.Tensor, positive: torch.Tensor) -> float:
+    """Area under the ROC curve of ``score`` for ``positive`` (Mann-Whitney, ties averaged)."""
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if not n_pos or not n_neg:
+        return float("nan")
+    order = torch.argsort(score)
+    ranks = torch.empty(len(score), dtype=torch.float64)
+    ranks[order] = torch.arange(1, len(score) + 1, dtype=torch.float64)
+    values, inverse, counts = torch.unique(score, return_inverse=True, return_counts=True)
+    if len(values) < len(score):  # average the ranks of ties
+        sums = torch.zeros(len(values), dtype=torch.float64).index_add_(0, inverse, ranks)
+        ranks = (sums / counts)[inverse]
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def probe_scores(pred: torch.Tensor, truth: torch.Tensor, classes: int,
+                 probs: torch.Tensor | None = None) -> dict[str, float]:
+    """Dice per class of the argmax, and (``probs``) each organ's ROC AUC one against the rest: threshold-free, so
+    small organs that the argmax gives to the body still count for what the features hold."""
     out = {}
     for k in range(classes):
         p, t = pred == k, truth == k
@@ -274,6 +292,11 @@ def probe_scores(pred: torch.Tensor, truth: torch.Tensor, classes: int) -> dict[
         out[PROBE_CLASSES[k]] = float(2 * (p & t).sum() / denom) if denom and t.any() else float("nan")
     organs = [out[n] for n in PROBE_CLASSES[2:] if not np.isnan(out[n])]
     out["organ mean"] = float(np.mean(organs)) if organs else float("nan")
+    if probs is not None:
+        aucs = [_auc(probs[:, k], truth == k) for k in range(2, classes)]
+        out.update({f"auc:{PROBE_CLASSES[k]}": a for k, a in zip(range(2, classes), aucs)})
+        valid = [a for a in aucs if not np.isnan(a)]
+        out["organ mean AUC"] = float(np.mean(valid)) if valid else float("nan")
     return out
 
 
@@ -295,10 +318,11 @@ def probe(run: Path, patients: int = 16, slices: int = 6, data: Path | None = No
         mean, std, linear = fit_probe(x[is_train].reshape(-1, x.shape[-1]), labels[is_train].reshape(-1),
                                       len(PROBE_CLASSES))
         with torch.no_grad():
-            pred = linear((x[~is_train].reshape(-1, x.shape[-1]) - mean) / std).argmax(1)
+            logits = linear((x[~is_train].reshape(-1, x.shape[-1]) - mean) / std)
         rows.append({"features": name, "channels": int(x.shape[-1]),
-                     **probe_scores(pred, labels[~is_train].reshape(-1), len(PROBE_CLASSES))})
-        log(f"probe: {name}: organ mean Dice {rows[-1]['organ mean']:.3f}")
+                     **probe_scores(logits.argmax(1), labels[~is_train].reshape(-1), len(PROBE_CLASSES),
+                                    logits.softmax(1))})
+        log(f"probe: {name}: organ mean Dice {rows[-1]['organ mean']:.3f}, AUC {rows[-1]['organ mean AUC']:.3f}")
     return {"command": _command(), "run": str(run), "train_patients": sorted(train_patients),
             "test_patients": [n for n in names if n not in train_patients], "slices_per_patient": slices,
             "grid": PROBE_GRID, "classes": list(PROBE_CLASSES), "rows": rows, "seconds": round(time.time() - t0, 1)}
@@ -310,11 +334,12 @@ def probe_markdown(result: dict) -> str:
              f"OpenKBP validation patients, {result['slices_per_patient']} axial slices each, {result['grid']} x "
              f"{result['grid']} grid; fitted on {', '.join(result['train_patients'])}; scored (Dice per class) on "
              f"{', '.join(result['test_patients'])}.", "",
-             "| features | channels | organ mean | body | " + " | ".join(organs) + " |",
+             "Each organ cell: Dice of the probe's argmax / ROC AUC of its probability (one organ against the rest).", "",
+             "| features | channels | organ mean Dice / AUC | body Dice | " + " | ".join(organs) + " |",
              "|---|---|---|---|" + "---|" * len(organs)]
     for r in result["rows"]:
-        lines.append(f"| {r['features']} | {r['channels']} | {r['organ mean']:.3f} | {r['body']:.3f} | "
-                     + " | ".join(f"{r[o]:.3f}" for o in organs) + " |")
+        lines.append(f"| {r['features']} | {r['channels']} | {r['organ mean']:.3f} / {r['organ mean AUC']:.3f} | "
+                     f"{r['body']:.3f} | " + " | ".join(f"{r[o]:.2f} / {r['auc:' + o]:.2f}" for o in organs) + " |")
     return "\n".join(lines) + "\n"
 
 
