@@ -201,9 +201,9 @@ class StudentBackend(FeatureBackend):
     def propagation(self) -> str:
         from ..models.registry import propagation_rule
 
-        sam = self.bundle.teachers.get("sam")
-        heads = (self.bundle.meta or {}).get("sam_heads", "")  # the model whose SAM decoder the student ships
-        return propagation_rule(sam, heads) if sam is not None else FeatureBackend.propagation
+        if "sam" not in self.bundle.teachers:
+            return FeatureBackend.propagation
+        return propagation_rule((self.bundle.meta or {}).get("sam_heads", ""))  # the heads the student ships
 
     @torch.inference_mode()
     def _encode_chunk(self, slices, box, roles=None):
@@ -304,10 +304,7 @@ class TeacherBackend(FeatureBackend):
     def propagation(self) -> str:
         from ..models.registry import propagation_rule
 
-        if "sam" not in self._sources:
-            return FeatureBackend.propagation
-        sam = self.teacher("sam")
-        return propagation_rule(sam.spec, sam.model)
+        return propagation_rule(self.teacher("sam").model) if "sam" in self._sources else FeatureBackend.propagation
 
     def describe(self) -> str:
         """The teachers loaded so far (those a task used), e.g. "teachers: sam=litemedsam-clicks 1"."""

@@ -176,9 +176,6 @@ class TeacherSpec:
     weights: str = ""  # where real weights come from, and how they reach a bundle
     licence: str = ""
     default_window: str = "soft-tissue"  # the CT window the model was trained with (sam role: delineation's default)
-    # sam role: how propagation prompts the next slice: "mask-prompt" (the neighbour's box, interior point and mask
-    # as a mask prompt) or "box-point" (no mask prompt); fine-tuned heads can override it (HEADS_PROPAGATION)
-    propagation: str = "mask-prompt"
 
     @property
     def role(self) -> str:
@@ -358,9 +355,10 @@ def spec_from_record(record: dict) -> TeacherSpec:
 HEADS_PROPAGATION = {"litemedsam-clicks": "box-point"}
 
 
-def propagation_rule(spec: TeacherSpec, heads_model: str = "") -> str:
-    """How delineation propagates with this SAM teacher and the heads of model ``heads_model`` ("NAME [VERSION]")."""
-    return HEADS_PROPAGATION.get(heads_model.split(" ")[0], spec.propagation)
+def propagation_rule(heads_model: str = "") -> str:
+    """How delineation propagates with the SAM heads of model ``heads_model`` ("NAME [VERSION]"): "box-point" (the
+    neighbour's box and interior point) or "mask-prompt" (and the neighbour's mask as a mask prompt)."""
+    return HEADS_PROPAGATION.get(heads_model.split(" ")[0], "mask-prompt")
 
 
 def spec_record(spec: TeacherSpec) -> dict:

@@ -107,9 +107,8 @@ def test_each_model_propagates_by_its_own_rule():
 
 
 def test_the_rule_follows_the_heads_not_only_the_encoder():
-    from PRISMRTLib.models.registry import get_teacher, propagation_rule
+    from PRISMRTLib.models.registry import propagation_rule
 
-    lite = get_teacher("litemedsam")
-    assert propagation_rule(lite, "litemedsam-clicks 2") == "box-point"
-    assert propagation_rule(lite, "litemedsam 1") == "mask-prompt"  # the released, box-only heads
-    assert propagation_rule(get_teacher("medsam-standin"), "teachers-standin-openkbp 2") == "mask-prompt"
+    assert propagation_rule("litemedsam-clicks 2") == "box-point"
+    assert propagation_rule("litemedsam 1") == "mask-prompt"  # the released, box-only heads
+    assert propagation_rule("teachers-standin-openkbp 2") == "mask-prompt"

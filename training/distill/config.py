@@ -38,8 +38,8 @@ class CacheConfig:
 class StudentSection:
     preset: str = "vit_small_256"
     overrides: dict = field(default_factory=dict)  # StudentConfig fields (e.g. token_gates)
-    # "random"; "bundle:FOLDER_OR_NAME" (a prismrt bundle's student); "run:FOLDER" (warm start from a run's checkpoint on
-    # the same cache and normaliser settings); "timm:FILE" (a backbone state dict)
+    # "random"; "bundle:FOLDER_OR_NAME" (a prismrt bundle's student); "run:FOLDER" (warm start: a run's student and its
+    # normalisers; same normaliser kind and teacher set); "timm:FILE" (a backbone state dict)
     init: str = "random"
 
 

@@ -217,11 +217,10 @@ def _on_grid(x: torch.Tensor, grid: int = PROBE_GRID) -> torch.Tensor:
 
 @torch.no_grad()
 def probe_features(config, student, teachers, views, log=print) -> dict[str, list[torch.Tensor]]:
-    from .train import build_student, load_heads
+    from PRISMRTLib.models.student import Student
 
-    specs = load_heads(config)[0]
-    control = build_student(dataclasses.replace(config, student=dataclasses.replace(config.student, init="random")),
-                            specs).eval()
+    torch.manual_seed(config.train.seed)  # the run's own random initialisation (train.build_student)
+    control = Student(student.config).eval()
     size = student.config.img_size
     feats: dict[str, list] = {}
     t0 = time.time()

@@ -79,11 +79,7 @@ def build_student(config: RunConfig, specs: dict) -> Student:
             raise ValueError(f"student.init '{init}' is a '{source.kind}' bundle; it needs a prismrt one")
         student.load_state_dict(source.modules["student"].state_dict(), strict=True)
     elif init.startswith("run:"):
-        # warm start from another run's checkpoint: its student before folding (the Run checks that this run's
-        # normalisers are that run's, so the translators' outputs keep their meaning)
-        state = torch.load(Path(init[4:]) / CHECKPOINT, map_location="cpu", weights_only=True)["model"]
-        student.load_state_dict({k[len("student."):]: v for k, v in state.items() if k.startswith("student.")},
-                                strict=True)
+        pass  # the Run loads that run's student with its normalisers (_warm_start)
     elif init.startswith("timm:"):
         from safetensors.torch import load_file
 
@@ -160,10 +156,11 @@ class Run:
             self.student.backbone.set_grad_checkpointing(True)
         self.model = DistillModel(self.student, config, heads,
                                   clip_heads.visual_proj if clip_heads is not None else None)
-        self.model.fit_normalisers(self.cache.batch(self.train_items[:config.loss.normaliser_samples]),
-                                   seed=config.train.seed)
         if config.student.init.startswith("run:"):
-            _take_normalisers(self.model, config, Path(config.student.init[4:]))
+            _warm_start(self.model, config, Path(config.student.init[4:]))
+        else:
+            self.model.fit_normalisers(self.cache.batch(self.train_items[:config.loss.normaliser_samples]),
+                                       seed=config.train.seed)
         # the fidelity curve's normalisers are always PHI-S, so runs with other normalisers compare
         self.reference = {name: PhiS(n.channels).fit(_samples(self.cache, self.train_items, name,
                                                               config.loss.normaliser_samples), config.train.seed)
@@ -290,17 +287,18 @@ class Run:
             plot(self.out)
 
 
-def _take_normalisers(model: DistillModel, config: RunConfig, run: Path) -> None:
-    """A warm start takes the source run's normalisers with its student, so the translators' outputs keep their
-    meaning (a re-fit is not bit-identical: a summary token's 64 samples leave most of its PCA basis to rounding)."""
+def _warm_start(model: DistillModel, config: RunConfig, run: Path) -> None:
+    """Another run's student (before folding) and its normalisers, taken together so the translators' outputs keep
+    their meaning (a re-fit is not bit-identical: a summary token's 64 samples leave most of its PCA basis to
+    rounding)."""
     source = RunConfig.from_dict(json.loads((run / "config.json").read_text()))
     if source.loss.normaliser != config.loss.normaliser or source.teachers.set != config.teachers.set:
         raise ValueError(f"student.init 'run:{run}': that run used normaliser '{source.loss.normaliser}' and teacher "
                          f"set '{source.teachers.set}'; this one '{config.loss.normaliser}' and "
                          f"'{config.teachers.set}': warm-start only from a run with the same ones")
     state = torch.load(run / CHECKPOINT, map_location="cpu", weights_only=True)["model"]
-    mine = model.state_dict()
-    model.load_state_dict({**mine, **{k: v for k, v in state.items() if k.startswith("normalisers.")}}, strict=True)
+    taken = {k: v for k, v in state.items() if k.startswith(("student.", "normalisers."))}
+    model.load_state_dict({**model.state_dict(), **taken}, strict=True)
 
 
 class _null:
