@@ -262,6 +262,8 @@ def test_training_can_start_from_shipped_heads(tmp_path, monkeypatch):
     state = T.read_heads(shipped)
     assert heads.load_state_dict(state, strict=True) is not None
     assert all(v.dtype == torch.float32 for v in state.values())
+    by_name = T.read_heads("litemedsam-clicks")  # the manifest name resolves to the same shipped heads
+    assert by_name.keys() == state.keys() and all(torch.equal(by_name[k], v) for k, v in state.items())
     cache = _synthetic_cache(tmp_path / "cache", shards=2)
     monkeypatch.setattr(T, "evaluate", lambda heads, data, **k: {"click1": 0.0})
     trained = T.train(cache, tmp_path / "run", T.Settings(steps=1, batch_size=2, iterations=2, warmup=1,

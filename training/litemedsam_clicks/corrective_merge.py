@@ -5,8 +5,9 @@ SAM answers a corrective click with a whole new mask. On the clinical GTVs a neg
 take away a third of the tumour (LUNG1-001, central slice: 0.89 -> 0.70 on the second click). FocalClick's
 progressive merge (:func:`progressive_merge`) keeps the previous mask except for the connected piece of change under
 the click. This scores both rules on the validation objects with the evaluation's
-click rules (the first click at the deepest point, the lone-click rule, then each click at the deeper error), the
-stored logits following the mask shown as ``SegmentationSession`` keeps them.
+click rules (the first click at the deepest point, the lone-click rule, then each click at the deeper error). The
+logits the next click refines follow the mask shown: +-8 where it differs from the model's (``SegmentationSession``
+pushes what its rules cut to -8 on the decoder's grid; at 256 px that grid is this one).
 
     python -m training.litemedsam_clicks.corrective_merge --cache training/runs/litemedsam_cache --model litemedsam-clicks
 """

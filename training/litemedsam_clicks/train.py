@@ -8,7 +8,8 @@ click rules of :mod:`PRISMRTLib.segmentation.prompts`, shared with ``prismrt eva
 - each step takes ``batch_size`` objects, one structure of one cached view each (counter-based: step ``s`` depends
   only on the seed and ``s``, so a run resumes exactly);
 - a share ``p_propagate`` is prompted as propagation prompts a slice: the neighbouring slice's box, deepest point
-  and mask (as +-4..12 logits), the target being this slice's mask, empty where the structure ended; the rest start
+  and mask (as +-4..12 logits; ``propagation_prompt="box-point"``: without the mask, as delineation now prompts
+  with these heads), the target being this slice's mask, empty where the structure ended; the rest start
   from a jittered box (``p_box``) or one click, then ``iterations - 1`` corrective clicks with the previous mask fed
   back; BCE + soft Dice on the 256 px mask and MSE on the predicted IoU, on one round per step drawn at random
   (the rounds before it place its clicks without gradients; ``all_rounds`` supervises every round instead);
@@ -65,25 +66,26 @@ def released_litemedsam():
     return model
 
 
-PROPAGATION_PROMPTS = ("mask", "box-point")
+PROPAGATION_PROMPTS = ("mask-prompt", "box-point")  # registry.propagation_rule's names
 
 
-def read_heads(path: "str | Path") -> dict[str, torch.Tensor]:
-    """Heads' weights (float32, under :class:`Heads`' names) from a run's ``heads.safetensors`` or from a bundle
-    folder of this script's export (its ``sam.prompt_encoder.*`` and ``sam.mask_decoder.*`` tensors)."""
-    path = Path(path)
-    if path.is_dir():
-        tensors = load_file(str(path / "model.safetensors"))
-        state = {k[len("sam."):]: v for k, v in tensors.items()
-                 if k.startswith(("sam.prompt_encoder.", "sam.mask_decoder."))}
-        if not state:
-            raise SystemExit(f"{path} holds no SAM prompt encoder or mask decoder: give a bundle of "
-                             f"litemedsam_clicks' export or a run's {HEADS_FILE}")
-    elif path.is_file():
-        state = load_file(str(path))
-    else:
-        raise SystemExit(f"--init {path}: no such file or folder")
-    return {k: v.float() for k, v in state.items()}
+def read_heads(source: "str | Path") -> dict[str, torch.Tensor]:
+    """Heads' weights (float32, under :class:`Heads`' names) from a run's ``heads.safetensors``, or from a bundle
+    (a folder or a manifest name, e.g. the shipped ``litemedsam-clicks``) loaded as PRISMRTLib loads it."""
+    from PRISMRTLib.features.resolve import model_folder
+    from PRISMRTLib.models.bundle import load_bundle
+
+    source = str(source)
+    path = Path(source)
+    if path.is_file():
+        return {k: v.float() for k, v in load_file(str(path)).items()}
+    if not path.is_dir() and ("/" in source or source.endswith(".safetensors")):
+        raise SystemExit(f"--init {source}: no such file or folder")
+    sam = load_bundle(model_folder(source)).modules.get("sam")
+    if sam is None:
+        raise SystemExit(f"--init {source} holds no SAM heads: give a bundle of litemedsam_clicks' export, "
+                         f"'litemedsam-clicks', or a run's {HEADS_FILE}")
+    return {k: v.float() for k, v in Heads(sam.prompt_encoder, sam.mask_decoder).state_dict().items()}
 
 
 @dataclass
@@ -102,7 +104,7 @@ class Settings:
     all_rounds: int = 0  # 1: supervise every round; 0: one random round per step, about a third of the cost
     holdout_shards: int = 2
     init: str = ""  # start from these heads (a bundle folder or a heads.safetensors); "": the released LiteMedSAM
-    propagation_prompt: str = "mask"  # "mask": box, point and the neighbour's mask; "box-point": box and point only
+    propagation_prompt: str = "mask-prompt"  # box, point and the neighbour's mask; "box-point": box and point only
     train_items: int = 0  # filled in: cache items used for training
     cache: str = ""
 
@@ -261,7 +263,7 @@ def train(cache: Path, out: Path, s: Settings, threads: int = 2, log_every: int 
         loss, stats = interactive_step(heads, embeddings, targets, rngs, p_box=s.p_box, iterations=s.iterations,
                                        iou_weight=s.iou_weight, sources=sources, size=targets.shape[-1],
                                        grad_round=grad_round,
-                                       propagation_mask=s.propagation_prompt == "mask")
+                                       propagation_mask=s.propagation_prompt == "mask-prompt")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(heads.parameters(), s.clip)
