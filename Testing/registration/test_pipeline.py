@@ -190,3 +190,43 @@ def test_bad_input_is_refused_with_a_reason(neck):
         register(neck, neck, alignment="bspline")
     with pytest.raises(ValueError, match="smoothness"):
         register(neck, neck, smoothness=-2, alignment="none")
+
+
+def _mr_like(ct, band=4):
+    """The neck CT's values mapped to an MR-like positive range, with zero-filled bands in the first and last
+    ``band`` x columns (outside a reconstructed field of view) and a zero pocket inside the volume."""
+    values = np.clip(sitk.GetArrayFromImage(ct) + 1000.0, 0, 2000) * 0.2 + 5.0
+    values[:, :, :band] = 0.0
+    values[:, :, -band:] = 0.0
+    values[20, 26, 28] = 0.0  # a lone zero inside: not padding
+    mr = sitk.GetImageFromArray(values.astype(np.float32))
+    mr.CopyInformation(ct)
+    return mr
+
+
+def test_on_mr_zero_filled_bands_are_left_out_of_the_data_terms_and_ct_is_unchanged(neck, monkeypatch):
+    from PRISMRTLib.registration import pipeline
+
+    assert pipeline.no_signal_mask(neck) is None  # CT: its lowest value is air, a cue
+    mr = _mr_like(neck)
+    blank = sitk.GetArrayFromImage(pipeline.no_signal_mask(mr)) > 0
+    expected = np.zeros(blank.shape, bool)
+    expected[:, :, :4] = expected[:, :, -4:] = True
+    assert np.array_equal(blank, expected)  # the bands, not the pocket inside
+
+    seen = {}
+
+    def capture(feat_f, feat_m, settings, mask=None, moving_mask=None, **kw):
+        seen["mask"], seen["moving_mask"] = mask, moving_mask
+        raise RuntimeError("captured")
+
+    monkeypatch.setattr(pipeline, "convex_adam", capture)
+    with pytest.raises(RuntimeError, match="captured"):
+        pipeline.register(mr, mr, alignment="none", settings=FAST, device="cpu", working_spacing=3.9)
+    for weight in (seen["mask"].numpy(), seen["moving_mask"].numpy()):  # on the working grid, same extent
+        x = weight.shape[2]
+        assert weight[:, :, : x * 2 // 56].max() == 0 and weight[:, :, x - x * 2 // 56:].max() == 0
+        assert weight[:, :, x // 4: 3 * x // 4].min() == 1
+    with pytest.raises(RuntimeError, match="captured"):
+        pipeline.register(neck, neck, alignment="none", settings=FAST, device="cpu", working_spacing=3.9)
+    assert seen["mask"] is None and seen["moving_mask"].numpy().min() == 1  # CT: nothing left out
