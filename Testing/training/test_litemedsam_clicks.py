@@ -254,11 +254,11 @@ def test_training_can_start_from_shipped_heads(tmp_path, monkeypatch):
     from training.litemedsam_clicks import train as T
 
     monkeypatch.setenv("PRISMRT_HOME", str(tmp_path / "home"))
-    shipped = Path(__file__).resolve().parents[2] / "PRISMRTLib" / "weights" / "shipped" / "litemedsam-clicks" / "2"
+    shipped = Path(__file__).resolve().parents[2] / "PRISMRTLib" / "weights" / "shipped" / "litemedsam-clicks" / "3"
     model = T.released_litemedsam()
     heads = T.Heads(model.prompt_encoder, model.mask_decoder)
-    candidate = shipped.parents[4] / "training" / "litemedsam_clicks" / "candidates" / "litemedsam-clicks-3"
-    assert heads.load_state_dict(T.read_heads(candidate), strict=True) is not None  # the kept version 3 candidate
+    superseded = shipped.parents[4] / "training" / "litemedsam_clicks" / "superseded" / "litemedsam-clicks-2"
+    assert heads.load_state_dict(T.read_heads(superseded), strict=True) is not None  # version 3 was trained from it
     state = T.read_heads(shipped)
     assert heads.load_state_dict(state, strict=True) is not None
     assert all(v.dtype == torch.float32 for v in state.values())

@@ -19,7 +19,8 @@ plus a ranking term (cross-entropy of the three scores against the best mask), s
         --model training/runs/litemedsam-clicks-1 --out PRISMRTLib/weights/shipped/litemedsam-clicks/2
 
 ``--model``: the bundle whose head is re-fitted, version 1 (``train.py export`` of the training run; it shipped as
-``litemedsam-clicks`` until this re-fit replaced it).
+``litemedsam-clicks`` until this re-fit replaced it). Version 2 shipped from ``shipped/litemedsam-clicks/2`` until
+version 3 replaced it; it is kept in ``training/litemedsam_clicks/superseded/litemedsam-clicks-2``.
 """
 
 from __future__ import annotations

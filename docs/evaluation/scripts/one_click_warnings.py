@@ -19,7 +19,7 @@ for c in cases:
     p = m.TransformIndexToPhysicalPoint((int(i), int(j), int(k)))
     out = os.path.join(tempfile.gettempdir(), f"prismrt_warn_{c['id']}.nii.gz")
     r = subprocess.run([".venv/bin/prismrt", "segment", img, "--point", ",".join(f"{v:.2f}" for v in p), "--out", out, "--overwrite"],
-                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
     pred = sitk.GetArrayFromImage(sitk.ReadImage(out))[k] != 0
     d = 2 * (pred & a[k]).sum() / (pred.sum() + a[k].sum())
     warn = [l for l in (r.stdout + r.stderr).splitlines() if "warning" in l.lower()]
