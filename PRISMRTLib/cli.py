@@ -546,6 +546,8 @@ def cmd_segment(args) -> int:
     print(f"wrote {args.out}: {cc:.1f} cm3 on {slices} {args.orientation} slice(s); "
           f"predicted IoU on slice {last.index}: {last.score:.2f} ({backend.describe()}, {backend.device}; "
           f"{session.intensity.describe()})")
+    if args.propagate:
+        print(session.last_propagation.describe(args.orientation))
     for warning in dict.fromkeys(warnings):
         _warn(warning)
     if backend.fallback_message:

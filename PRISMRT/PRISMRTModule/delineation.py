@@ -468,8 +468,9 @@ class DelineationController(VTKObservationMixin):
             slices = int(np.count_nonzero(session.mask.any(axis=(1, 2))))
             volumeCm3 = float(np.count_nonzero(session.mask)) * float(np.prod(session.image.GetSpacing())) / 1000.0
             report = session.last_propagation
-            self._set(f"{volumeCm3:.1f} cm\u00b3 on {slices} slices. Click on any slice to correct it, then propagate "
-                      "again." + self.warningText(report.warnings if report else []))
+            where = f" ({report.describe(session.plane.orientation.value)})" if report else ""
+            self._set(f"{volumeCm3:.1f} cm\u00b3 on {slices} slices{where}. Click on any slice to correct it, then "
+                      "propagate again." + self.warningText(report.warnings if report else []))
 
         return self._run("propagation", work, done)
 

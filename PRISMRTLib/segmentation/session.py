@@ -45,6 +45,15 @@ class PropagationReport:
     stops: dict  # direction (+1, -1) -> reason
     warnings: list[str] = field(default_factory=list)
 
+    def describe(self, orientation: str = "") -> str:
+        """One line for the user: which slices hold the structure and where propagation stopped, and why (a structure
+        cut short is only seen by scrolling past its end otherwise)."""
+        where = f"{orientation} slices" if orientation else "slices"
+        span = f"{self.slices[0]}-{self.slices[-1]}" if self.slices else "none"
+        why = "; ".join(f"towards {'higher' if d > 0 else 'lower'} indices {r}" for d, r in sorted(self.stops.items(),
+                                                                                                 reverse=True) if r)
+        return f"propagated from slice {self.seed} to {where} {span}" + (f"; it stopped {why}" if why else "")
+
 
 @dataclass
 class _Step:

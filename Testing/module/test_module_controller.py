@@ -200,6 +200,7 @@ def test_a_propagation_on_a_worker_thread_can_be_cancelled_and_leaves_the_scene_
     c.propagate(min_area_mm2=1.0, min_overlap=0.0, cross_views=False)
     _settle(c)
     assert setup.segment().any(axis=(1, 2)).sum() > 1 and "cm\u00b3 on" in c.status
+    assert "propagated from slice" in c.status and "it stopped towards" in c.status
 
 
 def test_a_failing_job_reports_its_error_and_changes_nothing():

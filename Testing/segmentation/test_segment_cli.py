@@ -38,6 +38,8 @@ def test_segment_writes_a_mask_on_the_ct_grid(tiny_teachers, tmp_path, capsys):
     assert main(args) == 2
     assert "already exists" in capsys.readouterr().err
     assert main(args + ["--overwrite", "--propagate"]) == 0
+    said = capsys.readouterr().out
+    assert "propagated from slice 60 to axial slices" in said and "it stopped towards higher indices" in said
 
 
 def test_segment_input_errors(tiny_teachers, tmp_path, capsys):
