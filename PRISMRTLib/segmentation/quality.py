@@ -13,6 +13,19 @@ AIR_HU = -900.0  # a positive click below this on CT is on air (or lung parenchy
 LARGE_SHARE = 0.5  # a mask covering this share of the slice is rarely a tumour or an organ at risk
 
 
+def stability_score(logits: np.ndarray, offset: float = 1.0) -> float:
+    """How little a mask changes when its logit threshold moves by +-``offset``: the IoU of the masks at +offset and
+    at -offset (segment-anything's ``calculate_stability_score``, by which its automatic mask generator filters
+    masks). 1.0 for an empty mask."""
+    import torch
+    from segment_anything.utils.amg import calculate_stability_score
+
+    logits = torch.as_tensor(np.asarray(logits, np.float32))
+    if not bool((logits > -offset).any()):
+        return 1.0
+    return float(calculate_stability_score(logits[None], 0.0, offset)[0])
+
+
 def slice_warnings(mask: np.ndarray, score: float, *, index: int, orientation: str, clicks=(), box=None,
                    values_at_clicks=(), is_ct: bool = True) -> list[str]:
     """Warnings for one slice's mask. ``clicks``: [(row, col, label)] in slice pixels; ``box``: (r0, c0, r1, c1);

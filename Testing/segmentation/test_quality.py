@@ -8,13 +8,23 @@ import SimpleITK as sitk
 from PRISMRTLib.features import VolumeFeatures
 from PRISMRTLib.imaging import slice_intensity
 from PRISMRTLib.segmentation import SegmentationSession
-from PRISMRTLib.segmentation.quality import propagation_warnings, slice_warnings
+from PRISMRTLib.segmentation.quality import propagation_warnings, slice_warnings, stability_score
 from prismrt_testing import OracleBackend, ptv_phantom
 
 
 def _disc(shape=(64, 64), centre=(30, 30), radius=8):
     yy, xx = np.mgrid[: shape[0], : shape[1]]
     return (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius ** 2
+
+
+def test_stability_is_the_iou_of_the_masks_at_plus_and_minus_one_logit():
+    logits = np.full((8, 8), -9.0, np.float32)
+    logits[:4] = 5.0  # 32 pixels sure
+    assert stability_score(logits) == 1.0
+    logits[4:6] = 0.5  # 16 more above -1 but not above +1
+    assert stability_score(logits) == pytest.approx(32 / 48)
+    assert stability_score(logits, offset=0.25) == 1.0  # 0.5 is above +0.25 too
+    assert stability_score(np.full((4, 4), -9.0)) == 1.0  # an empty mask has nothing to be unstable about
 
 
 def test_slice_warnings_by_hand():
