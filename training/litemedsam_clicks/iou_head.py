@@ -16,7 +16,7 @@ plus a ranking term (cross-entropy of the three scores against the best mask), s
     python -m training.litemedsam_clicks.iou_head fit --run training/runs/litemedsam_iou_head \
         --model training/runs/litemedsam-clicks-1
     python -m training.litemedsam_clicks.iou_head export --run training/runs/litemedsam_iou_head \
-        --model training/runs/litemedsam-clicks-1 --out PRISMRTLib/weights/shipped/litemedsam-clicks/2
+        --model training/runs/litemedsam-clicks-1 --out training/runs/litemedsam-clicks-2
 
 ``--model``: the bundle whose head is re-fitted, version 1 (``train.py export`` of the training run; it shipped as
 ``litemedsam-clicks`` until this re-fit replaced it). Version 2 shipped from ``shipped/litemedsam-clicks/2`` until
