@@ -147,6 +147,19 @@ def no_signal_mask(image: sitk.Image) -> sitk.Image | None:
     return mask
 
 
+def _with_signal(image: sitk.Image) -> sitk.Image | None:
+    """Where the scan holds signal (the complement of :func:`no_signal_mask`), or None: everywhere."""
+    blank = no_signal_mask(image)
+    return None if blank is None else sitk.Cast(blank == 0, sitk.sitkUInt8)
+
+
+def _both(a: sitk.Image | None, b: sitk.Image | None) -> sitk.Image | None:
+    """The intersection of two optional masks on one grid; None stands for everywhere."""
+    if a is None or b is None:
+        return b if a is None else a
+    return sitk.And(a, b)
+
+
 def _feature_volume(features, image: sitk.Image, device: str, progress=None):
     """Call the user's feature extractor and bring its output to (1, C, Z, Y, X) on the working grid. An extractor
     with ``reports_progress`` gets ``progress(text)``."""
@@ -261,21 +274,11 @@ def register(fixed: sitk.Image, moving: sitk.Image, method: str = "mind", smooth
     # with them, below the affine start's 0.57).
     inside = sitk.Image(moving.GetSize(), sitk.sitkUInt8) + 1
     inside.CopyInformation(moving)
-    fixed_region = mask
-    moving_region = inside
-    for side, image in (("fixed", fixed), ("moving", moving)):
-        blank = no_signal_mask(image)
-        if blank is None:
-            continue
-        signal = sitk.Cast(blank == 0, sitk.sitkUInt8)
-        if side == "fixed":
-            fixed_region = signal if fixed_region is None else sitk.And(fixed_region, signal)
-        else:
-            moving_region = sitk.And(moving_region, signal)
+    fixed_region = _both(mask, _with_signal(fixed))
+    moving_region = _both(inside, _with_signal(moving))
     if body_margin_mm:
-        fixed_body = _dilate(body_mask(fixed), body_margin_mm)
-        fixed_region = fixed_body if fixed_region is None else sitk.And(fixed_region, fixed_body)
-        moving_region = sitk.And(moving_region, _dilate(body_mask(moving), body_margin_mm))
+        fixed_region = _both(fixed_region, _dilate(body_mask(fixed), body_margin_mm))
+        moving_region = _both(moving_region, _dilate(body_mask(moving), body_margin_mm))
     weight = None if fixed_region is None else torch.from_numpy(
         sitk.GetArrayFromImage(_resample(fixed_region, grid, default=0.0)))
     moving_valid = torch.from_numpy(sitk.GetArrayFromImage(_resample(moving_region, grid, transform, default=0.0)))

@@ -6,13 +6,12 @@ structure's extent, through `SegmentationSession.add_point` (the lone-click rule
 Writes one row per click (JSON) and prints rank correlations and the detection of poor masks (Dice < 0.7).
 
     OMP_NUM_THREADS=1 .venv/bin/python docs/evaluation/scripts/mask_quality_signals.py --out OUT.json
-    .venv/bin/python docs/evaluation/scripts/mask_quality_signals.py --gtv OUT_GTV.json   # the clinical GTVs
+    .venv/bin/python docs/evaluation/scripts/mask_quality_signals.py --gtv --out OUT_GTV.json   # the clinical GTVs
 """
 import argparse, json, os, sys
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
 REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO))
@@ -20,7 +19,7 @@ os.chdir(REPO)
 from PRISMRTLib.features import open_backend  # noqa: E402
 from PRISMRTLib.imaging import read_image  # noqa: E402
 from PRISMRTLib.segmentation import SegmentationSession  # noqa: E402
-from PRISMRTLib.segmentation.cases import load_cases  # noqa: E402
+from PRISMRTLib.segmentation.cases import Case, StructureRef, load_cases  # noqa: E402
 from PRISMRTLib.segmentation.prompts import deepest_point, first_click  # noqa: E402
 from PRISMRTLib.segmentation.quality import LOW_SCORE, stability_score  # noqa: E402
 
@@ -35,22 +34,20 @@ def validation_structures(patients: int):
     for pt in sorted((DATA / "openkbp" / "validation-pats").iterdir())[:patients]:
         for organ in OPENKBP_ORGANS:
             if (pt / f"{organ}.nii.gz").exists():
-                yield pt.name, pt / "ct.nii.gz", organ, (lambda image, p=pt / f"{organ}.nii.gz": _mask(p, image, None))
+                yield pt.name, pt / "ct.nii.gz", organ, _reference(organ, pt / f"{organ}.nii.gz")
     lung = DATA / "clinical" / "nsclc_radiomics_lung1" / "LUNG1-002"
     for organ in ("Heart", "Esophagus", "Spinal_cord"):
-        yield "LUNG1-002", lung / "ct.nii.gz", organ, (lambda image, p=lung / "masks" / f"{organ}.nii.gz": _mask(p, image, None))
+        yield "LUNG1-002", lung / "ct.nii.gz", organ, _reference(organ, lung / "masks" / f"{organ}.nii.gz")
     abdomen = DATA / "samples" / "ts_abdomen_ct"
     for value, organ in ABDOMEN.items():
-        yield "ts_abdomen_ct", abdomen / "example_ct.nii.gz", organ, (
-            lambda image, v=value: _mask(abdomen / "example_seg_fast_force_split.nii.gz", image, v))
+        yield "ts_abdomen_ct", abdomen / "example_ct.nii.gz", organ, _reference(
+            organ, abdomen / "example_seg_fast_force_split.nii.gz", value)
 
 
-def _mask(path, image, value):
-    m = read_image(path)
-    if m.GetSize() != image.GetSize() or m.GetOrigin() != image.GetOrigin():
-        m = sitk.Resample(m, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, m.GetPixelID())
-    a = sitk.GetArrayFromImage(m)
-    return a == value if value is not None else a > 0
+def _reference(name, path, value=None):
+    """A loader of the structure on a CT's grid, as the evaluation's case lists load it (resampled when on another)."""
+    case = Case(name, Path(), {name: StructureRef(name, Path(path), value)})
+    return lambda image: case.reference(name, image)
 
 
 def gtv_structures():
@@ -86,12 +83,12 @@ def clicks_on(backend, case_id, image_path, name, reference, fractions, three_d_
 
 
 def _auc(signal, poor):
-    """Probability that a poor mask has a lower signal than a good one (ties count half)."""
+    """Probability that a poor mask has a lower signal than a good one (ties count half): Mann-Whitney U / n1 n2."""
+    from scipy.stats import mannwhitneyu
     s, p = np.asarray(signal), np.asarray(poor, bool)
     if p.all() or not p.any():
         return float("nan")
-    lo, hi = s[p][:, None], s[~p][None, :]
-    return float(((lo < hi).sum() + 0.5 * (lo == hi).sum()) / (lo.size * hi.size))
+    return float(mannwhitneyu(s[~p], s[p]).statistic / (p.sum() * (~p).sum()))
 
 
 def summarise(rows, poor_below=0.7):

@@ -25,29 +25,29 @@ from PRISMRTLib.segmentation.prompts import first_click  # noqa: E402
 
 def main(case_list: str, setting: str) -> None:
     backend = open_backend("auto", None, "cpu")
-    rule, values = setting.split("=")
-    margins_mm = [float(m) for m in values.split(",")]
-    dice_by_margin = {m: [] for m in margins_mm}
+    rule, listed = setting.split("=")
+    values = [float(v) for v in listed.split(",")]
+    dice_by_value = {v: [] for v in values}
     for case in load_cases(case_list):
         image = read_image(case.image)
         for name in case.structures:
             reference = case.reference(name, image).astype(bool)
             k, j, i = first_click(reference, spacing=image.GetSpacing()[::-1])
             click = image.TransformIndexToPhysicalPoint((int(i), int(j), int(k)))
-            shared = SegmentationSession(backend, image, "axial")  # one feature cache for every margin
+            shared = SegmentationSession(backend, image, "axial")  # one feature cache for every value
             print(case.id, name, flush=True)
-            for margin in margins_mm:
+            for value in values:
                 session = SegmentationSession(backend, image, "axial", features=shared.volume_features)
                 session.add_point(click, positive=True)
-                session.propagate(**{rule: margin})
+                session.propagate(**{rule: value})
                 mask = sitk.GetArrayFromImage(session.result()) != 0
                 dice = 2 * np.count_nonzero(mask & reference) / (np.count_nonzero(mask) + np.count_nonzero(reference))
-                dice_by_margin[margin].append(dice)
+                dice_by_value[value].append(dice)
                 ref_z, got_z = np.flatnonzero(reference.any((1, 2))), np.flatnonzero(mask.any((1, 2)))
-                print(f"   {rule}={margin:g}: Dice {dice:.3f}, slices {got_z.min()}-{got_z.max()} of "
+                print(f"   {rule}={value:g}: Dice {dice:.3f}, slices {got_z.min()}-{got_z.max()} of "
                       f"{ref_z.min()}-{ref_z.max()}; {session.last_propagation.stops}", flush=True)
-    for margin, values in dice_by_margin.items():
-        print(f"MEAN {rule}={margin:g}: {np.mean(values):.3f} over {len(values)} structures")
+    for value, dice in dice_by_value.items():
+        print(f"MEAN {rule}={value:g}: {np.mean(dice):.3f} over {len(dice)} structures")
 
 
 if __name__ == "__main__":
