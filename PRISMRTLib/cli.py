@@ -22,8 +22,9 @@ from .errors import PrismRTError
 BACKEND_CHOICES = ("auto", "prismrt", "teachers")
 EVAL_REG_METHODS = ("mind", "features", "both", "affine", "elastix-affine", "elastix-bspline",
                     "elastix-bspline-from-affine", "elastix-bspline-tuned")
-DEFAULT_HELP = ("auto = the distilled student ('prismrt') when one is installed, otherwise the teachers "
-                "(delineation: LiteMedSAM, fine-tuned for clicks when that model is present)")
+DEFAULT_HELP = ("auto = the distilled student ('prismrt': LiteMedSAM's encoder and click-tuned heads, one pass for "
+                "every role) when it is installed, otherwise the teachers (delineation: LiteMedSAM, fine-tuned for "
+                "clicks)")
 MODES_CHOICES = ("2d", "3d")  # segmentation.evaluation.MODES
 FIRST_CHOICES = ("click", "box")  # segmentation.evaluation.FIRST_PROMPTS
 

@@ -21,7 +21,7 @@ import torch
 from ..errors import PrismRTError
 from ..imaging.resize import Letterbox
 from ..models.bundle import Bundle
-from ..models.registry import ROLES, TeacherSpec
+from ..models.registry import ROLE_OUTPUTS, ROLES, TeacherSpec
 from .types import SliceFeatures
 
 log = logging.getLogger("prismrt")
@@ -118,8 +118,8 @@ class FeatureBackend:
         """Features of a batch of slices (B, H, W) in [0, 1] sharing one pixel spacing (row, col) in mm.
 
         ``roles``: only these roles' features are needed (e.g. ``("dino",)`` for registration); ``sam_only`` is
-        ``roles=("sam",)`` (delineation). The teachers backend then runs only those teachers and leaves the other
-        fields ``None`` (the student computes everything in its one pass anyway).
+        ``roles=("sam",)`` (delineation). The teachers backend then runs only those teachers, the student only those
+        translators (its trunk runs once either way); the other fields are ``None``.
         """
         roles = ("sam",) if sam_only else (None if roles is None else tuple(roles))
         unknown = set(roles or ()) - set(ROLES)
@@ -190,7 +190,8 @@ class StudentBackend(FeatureBackend):
         return sam.input_size if sam is not None else DEFAULT_SAM_INPUT
 
     def describe(self) -> str:
-        return f"prismrt: {self.bundle.name} {self.bundle.version}".rstrip()
+        heads = (self.bundle.meta or {}).get("sam_heads", "")
+        return f"prismrt: {self.bundle.name} {self.bundle.version}".rstrip() + (f" (SAM heads {heads})" if heads else "")
 
     @property
     def default_window(self) -> str:
@@ -208,9 +209,13 @@ class StudentBackend(FeatureBackend):
     @torch.inference_mode()
     def _encode_chunk(self, slices, box, roles=None):
         student = self.bundle.modules["student"]
-        x = _letterboxed(slices, box.at_size(self.input_size)).to(self.device)
+        at = box.at_size(self.input_size)
+        x = _letterboxed(slices, at).to(self.device)
+        # only the roles asked for (delineation: the SAM map alone); clip_embedding is clip_cls projected
+        only = None if roles is None else {n for r in roles for n in ROLE_OUTPUTS[r]} | (
+            {"clip_cls"} if "clip" in roles else set())
         with self._autocast():
-            out = dict(student(x))
+            out = dict(student(x, at.content_box, only))
             if "clip_cls" in out and "clip_heads" in self.bundle.modules:
                 out["clip_embedding"] = self.clip_visual_proj(out["clip_cls"])
         return self._finish(box, out)

@@ -3,7 +3,8 @@
 Defaults, in order of preference per role (the first one available on this machine wins; if none is, the first one
 the manifest knows is downloaded or converted):
 
-- ``prismrt``: the distilled student (none is published yet);
+- ``prismrt``: the distilled student (``prismrt-student``, shipped: LiteMedSAM's encoder with litemedsam-clicks'
+  heads for delineation, distilled DINO- and CLIP-role translators);
 - ``teachers``: for ``sam`` (delineation) LiteMedSAM with prompt heads fine-tuned for clicks, then the user's
   converted official teachers, the released LiteMedSAM, the shipped stand-in; for ``dino`` and ``clip`` the
   converted official teachers, then the shipped stand-ins.
@@ -29,8 +30,9 @@ DEFAULT_MODELS = {
     "dino": ("teachers-official", "teachers-standin-openkbp"),
     "clip": ("teachers-official", "teachers-standin-openkbp"),
 }
-DEFAULT_HELP = ("auto = the distilled student ('prismrt') when one is installed, otherwise the teachers "
-                "(delineation: LiteMedSAM, fine-tuned for clicks when that model is present)")
+DEFAULT_HELP = ("auto = the distilled student ('prismrt': LiteMedSAM's encoder and click-tuned heads, one pass for "
+                "every role) when it is installed, otherwise the teachers (delineation: LiteMedSAM, fine-tuned for "
+                "clicks)")
 
 
 def _default(key: str, progress=None, cancel=None) -> Path:

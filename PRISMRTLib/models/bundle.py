@@ -13,6 +13,8 @@ do not match what its config builds is refused with a message naming the differe
 A bundle may hold only some of its tensors and name a ``base`` model for the rest (``"base": {"model", "version",
 "components", "tensors_sha256"}``): the prompt heads fine-tuned for clicks ship this way on top of LiteMedSAM's image
 encoder, which each user converts from the released checkpoint; the base tensors' digest must match.
+``components`` is a list of prefixes the base holds under the same names, or a mapping from this bundle's prefix
+to the base's (the student with a LiteMedSAM trunk takes ``student.backbone`` from ``sam.image_encoder``).
 
 Format version 2 (this one) names teachers by role; version 1 bundles (``medsam``/``dinov3``/``biomedclip``
 components, no teacher names) are read too.
@@ -134,6 +136,18 @@ def _held_by_base(key: str, prefixes) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
+def _base_names(components) -> dict[str, str]:
+    """A base's ``components`` (a list of shared prefixes, or own prefix -> the base's) as a mapping."""
+    return dict(components) if isinstance(components, dict) else {p: p for p in components}
+
+
+def _in_base(key: str, names: dict[str, str]) -> str:
+    for own, theirs in names.items():
+        if key == own or key.startswith(own + "."):
+            return theirs + key[len(own):]
+    raise KeyError(key)
+
+
 def save_bundle(
     folder: "str | os.PathLike",
     kind: str,
@@ -176,10 +190,11 @@ def save_bundle(
         "meta": meta or {},
     }
     if base:
-        prefixes = list(base["components"])
+        components = base["components"]
+        prefixes = dict(components) if isinstance(components, dict) else list(components)
         held = {k: v for k, v in tensors.items() if _held_by_base(k, prefixes)}
         if not held:
-            raise BundleError(f"no tensor lies under the base components {prefixes}")
+            raise BundleError(f"no tensor lies under the base components {list(prefixes)}")
         config["base"] = {"model": base["model"], "version": str(base.get("version", "")), "components": prefixes,
                           "tensors_sha256": tensor_digest(held)}
         tensors = {k: v for k, v in tensors.items() if k not in held}
@@ -266,8 +281,8 @@ def load_bundle(folder: "str | os.PathLike", device: "str | torch.device" = "cpu
                 resolve_base: Callable[[str], Path] | None = None) -> Bundle:
     """Rebuild a bundle's modules from its config and load its safetensors weights (strictly).
 
-    ``resolve_base(model_name)`` gives the folder of a ``base`` model (default: the weights cache's
-    :func:`~PRISMRTLib.weights.ensure_model`, which converts or downloads it on first use).
+    ``resolve_base(model_name)`` gives the folder of a ``base`` model (default: a folder path as it is, else the
+    weights cache's :func:`~PRISMRTLib.weights.ensure_model`, which converts or downloads it on first use).
     """
     from .biomedclip import VocabTokenizer
 
@@ -280,13 +295,14 @@ def load_bundle(folder: "str | os.PathLike", device: "str | torch.device" = "cpu
     base = config.get("base")
     if base:
         if resolve_base is None:
-            from ..weights import ensure_model
-
-            resolve_base = ensure_model
+            resolve_base = _default_base
         base_folder = Path(resolve_base(base["model"]))
         base_config = read_bundle_config(base_folder)
-        wanted = {k: s for k, s in expected.items() if _held_by_base(k, base["components"])}
-        base_tensors = _read_tensors(base_folder, base_config, wanted, subset=True)
+        names = _base_names(base["components"])
+        wanted = {k: s for k, s in expected.items() if _held_by_base(k, names)}
+        theirs = {_in_base(k, names): k for k in wanted}
+        base_tensors = _read_tensors(base_folder, base_config, {t: wanted[k] for t, k in theirs.items()}, subset=True)
+        base_tensors = {theirs[t]: v for t, v in base_tensors.items()}
         if tensor_digest(base_tensors) != base.get("tensors_sha256"):
             raise BundleError(
                 f"the bundle in '{folder}' was trained on other weights of '{base['model']}' than the ones in "
@@ -308,6 +324,14 @@ def load_bundle(folder: "str | os.PathLike", device: "str | torch.device" = "cpu
         configs=configs, modules=modules, tokenizer=tokenizer, teachers=specs, path=folder,
         meta=config.get("meta", {}),
     )
+
+
+def _default_base(model: str) -> Path:
+    """A base named by a bundle folder (local runs, tests) or a manifest name (converted or fetched on first use)."""
+    from ..weights import ensure_model
+
+    path = Path(model).expanduser()
+    return path if path.is_dir() else Path(ensure_model(model))
 
 
 def _read_tensors(folder: Path, config: dict, expected: dict, subset: bool = False) -> dict[str, torch.Tensor]:

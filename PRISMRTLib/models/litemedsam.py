@@ -110,15 +110,29 @@ def _tinyvit_class():
     return TinyViT
 
 
-def build_litemedsam(config: LiteMedSAMConfig) -> LiteMedSAM:
-    """A randomly initialised LiteMedSAM (state-dict keys match the released checkpoint)."""
-    grid = config.embedding_size
-    image_encoder = _tinyvit_class()(
+def build_image_encoder(config: LiteMedSAMConfig) -> nn.Module:
+    """A randomly initialised TinyViT image encoder: (B, 3, S, S) -> (B, 256, S/4, S/4)."""
+    return _tinyvit_class()(
         img_size=config.img_size, in_chans=3, embed_dims=list(config.embed_dims), depths=list(config.depths),
         num_heads=list(config.num_heads), window_sizes=list(config.window_sizes), mlp_ratio=config.mlp_ratio,
         drop_rate=0.0, drop_path_rate=0.0, use_checkpoint=False, mbconv_expand_ratio=config.mbconv_expand_ratio,
         local_conv_size=config.local_conv_size, layer_lr_decay=0.8,
     )
+
+
+def litemedsam_trunk_config(d: dict) -> LiteMedSAMConfig:
+    """A student's ``trunk_config``: ``{"preset": NAME}`` (``LITEMEDSAM_PRESETS``) or the config's own fields."""
+    if "preset" in d:
+        if set(d) != {"preset"} or d["preset"] not in LITEMEDSAM_PRESETS:
+            raise ValueError(f"trunk_config {d}: give a preset of {sorted(LITEMEDSAM_PRESETS)} or the fields")
+        return LITEMEDSAM_PRESETS[d["preset"]]
+    return LiteMedSAMConfig.from_dict(d)
+
+
+def build_litemedsam(config: LiteMedSAMConfig) -> LiteMedSAM:
+    """A randomly initialised LiteMedSAM (state-dict keys match the released checkpoint)."""
+    grid = config.embedding_size
+    image_encoder = build_image_encoder(config)
     prompt_encoder = PromptEncoder(
         embed_dim=config.prompt_embed_dim, image_embedding_size=(grid, grid),
         input_image_size=(config.img_size, config.img_size), mask_in_chans=config.mask_in_chans,

@@ -248,3 +248,32 @@ def test_default_names_what_to_install(monkeypatch):
     monkeypatch.setattr(resolve, "open_backend", no_model)
     with pytest.raises(PrismRTError, match="teachers-standin-openkbp"):
         ImageModelEngine.default(device="cpu")
+
+
+def test_a_default_model_without_a_chat_head_gives_way_to_the_teachers_that_have_one(monkeypatch):
+    """The student (auto's default once shipped) has no chat head trained for its CLIP features: the chat keeps the
+    teachers' CLIP model, whose calibrated head ships; asked for the student by name, it gets the student."""
+    from PRISMRTLib.features import resolve
+    from PRISMRTLib.features.backends import TeacherBackend
+
+    real_open, real_for = resolve.open_backend, ChatHead.for_backend
+
+    class Student:
+        tokenizer = clip_text = clip_visual_proj = object()
+        input_size = 256
+
+        def describe(self):
+            return "prismrt: a student 1"
+
+    student = Student()
+    monkeypatch.setattr(resolve, "open_backend",
+                        lambda backend="auto", model=None, device="cpu", **k: student if backend in ("auto", "prismrt")
+                        else real_open(backend, model, device, **k))
+    monkeypatch.setattr(ChatHead, "for_backend", classmethod(
+        lambda cls, b, *a: None if b is student else real_for.__func__(cls, b, *a)))
+    chosen = ImageModelEngine.default(device="cpu")
+    if chosen.head is None:
+        pytest.skip("no chat head ships for the teachers' CLIP model")
+    assert isinstance(chosen.backend, TeacherBackend) and "trained head" in chosen.source("visible:mandible")
+    named = ImageModelEngine.default(device="cpu", backend="prismrt")
+    assert named.backend is student and named.head is None

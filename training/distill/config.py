@@ -39,8 +39,12 @@ class StudentSection:
     preset: str = "vit_small_256"
     overrides: dict = field(default_factory=dict)  # StudentConfig fields (e.g. token_gates)
     # "random"; "bundle:FOLDER_OR_NAME" (a prismrt bundle's student); "run:FOLDER" (warm start: a run's student and its
-    # normalisers; same normaliser kind and teacher set); "timm:FILE" (a backbone state dict)
+    # normalisers; same normaliser kind and teacher set); "timm:FILE" (a backbone state dict); "teacher" (a
+    # trunk that is a teacher's architecture, e.g. trunk "litemedsam", takes that teacher's weights)
     init: str = "random"
+    # train the translators only; a frozen LiteMedSAM trunk taken from its teacher is then not run at all in
+    # training (its output is the cache's sam_embedding)
+    freeze_trunk: bool = False
 
 
 @dataclass

@@ -89,6 +89,8 @@ def _command() -> str:
 def fidelity(run: Path, sizes=(128, 192, 256, 384, 512), views: int = 48, data: Path | None = None,
              seed: int = 1000, log=print) -> dict:
     config, student = load_student(run)
+    if student.trunk_outputs:  # a teacher's own trunk takes its teacher's input size only
+        sizes = (student.config.img_size,)
     teachers = TeacherEncoders(config)
     cache_config = dataclasses.replace(config.cache, seed=seed,
                                        sources={"openkbp": 0.5, "sts": 0.3, "ts_ct_dicom": 0.2})
@@ -105,14 +107,15 @@ def fidelity(run: Path, sizes=(128, 192, 256, 384, 512), views: int = 48, data: 
         for name, value in teachers.encode(rendered).items():
             targets.setdefault(name, []).append(value)
         for size in sizes:
-            out = student(torch.from_numpy(rendered[int(size)][0])[None])
+            image, box = rendered[int(size)]
+            out = student(torch.from_numpy(image)[None], box.content_box)
             for name, value in out.items():
                 preds[int(size)].setdefault(name, []).append(value.float())
         specs.append(dataclasses.asdict(spec))
         if (n + 1) % 8 == 0:
             log(f"fidelity: {n + 1}/{views} views, {time.time() - t0:.0f} s")
     rows = []
-    for name in student.translators:
+    for name in student.config.targets:  # a trunk's own output (the LiteMedSAM trunk's SAM map) included
         if name not in targets:
             continue
         target = torch.cat(targets[name])
@@ -225,10 +228,10 @@ def probe_features(config, student, teachers, views, log=print) -> dict[str, lis
     feats: dict[str, list] = {}
     t0 = time.time()
     for i, (_, rendered, _) in enumerate(views):
-        image = torch.from_numpy(rendered[size][0])[None]
-        cls, tokens = student.tokens(image)
+        image, box = torch.from_numpy(rendered[size][0])[None], rendered[size][1].content_box
+        cls, tokens = student.tokens(image, box)
         feats.setdefault("student tokens (trained)", []).append(_on_grid(tokens.permute(0, 3, 1, 2)))
-        _, control_tokens = control.tokens(image)
+        _, control_tokens = control.tokens(image, box)
         feats.setdefault("student tokens (random init, control)", []).append(
             _on_grid(control_tokens.permute(0, 3, 1, 2)))
         for name, value in student.translate(cls, tokens).items():

@@ -88,7 +88,28 @@ def export(run: "str | Path", out: "str | Path", name: str = "prismrt-student", 
             "sam_heads": _heads_model(config, parts["bundles"]) if "sam" in specs else "",
             "held_out": HELD_OUT}
     return save_bundle(out, "prismrt", configs, modules, vocab, name=name, version=version, meta=meta,
-                       overwrite=overwrite, float_dtype=torch.float16)
+                       overwrite=overwrite, float_dtype=torch.float16, base=_trunk_base(config, student))
+
+
+def _trunk_base(config: RunConfig, student) -> dict | None:
+    """A frozen trunk taken from a teacher is not stored: the bundle names that teacher's model as its base (as the
+    click heads do for LiteMedSAM's encoder), so its weights stay the released ones, in float32, verified by digest."""
+    from PRISMRTLib.features.resolve import model_folder
+    from PRISMRTLib.models.bundle import load_bundle
+    from PRISMRTLib.models.registry import tensor_digest
+
+    from .train import TRUNK_TEACHER, trunk_teacher_state
+
+    if not (student.trunk_frozen and config.student.init == "teacher"):
+        return None
+    role, part = TRUNK_TEACHER[student.config.trunk]
+    teacher = trunk_teacher_state(config, student)
+    mine = student.backbone.state_dict()
+    if tensor_digest(teacher) != tensor_digest(mine):
+        raise RuntimeError("the frozen trunk's weights differ from its teacher's: export it without a base")
+    model = config.teachers.models[role]  # a manifest name (shipped students) or a folder (local runs, tests)
+    source = load_bundle(model_folder(model))
+    return {"model": model, "version": source.version, "components": {"student.backbone": f"{role}.{part}"}}
 
 
 def main(argv=None) -> None:

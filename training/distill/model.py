@@ -58,7 +58,9 @@ class DistillModel(nn.Module):
         super().__init__()
         self.student = student
         self.config = config
-        self.targets = list(student.config.targets)
+        # what is learnt: every target a translator produces (a trunk's own output, e.g. the LiteMedSAM trunk's SAM
+        # embedding, is the teacher's by construction and is not a loss term)
+        self.targets = [name for name in student.config.targets if name in student.translators]
         self.normalisers = nn.ModuleDict({
             name: PhiS(student.config.target(name).channels, config.loss.normaliser) for name in self.targets})
         self.roles = [r for r in ROLE_OUTPUTS if any(ROLE_OF[n] == r for n in self.targets)]
@@ -71,7 +73,7 @@ class DistillModel(nn.Module):
             for p in clip_proj.parameters():
                 p.requires_grad_(False)
         self.role_logits = nn.Parameter(torch.zeros(len(self.roles))) if config.balance.mode == "gating" else None
-        width = student.backbone.num_features
+        width = student.width
         self.return_decoders = nn.ModuleDict()
         if config.loss.return_decoder > 0:
             for name in self.targets:
@@ -102,10 +104,22 @@ class DistillModel(nn.Module):
         return self.normalisers[name].inverse(z.float(), dim=1 if z.ndim == 4 else -1)
 
     # ---- forward -----------------------------------------------------------------------------------------------
-    def predict(self, images01: torch.Tensor) -> tuple[dict, torch.Tensor]:
-        """Normalised predictions of every target, and the student's patch tokens (B, h, w, D)."""
-        cls, patches = self.student.tokens(images01)
-        return self.student.translate(cls, patches), patches
+    def uses_cached_trunk(self, batch: "dict | None") -> bool:
+        """A frozen trunk whose output is a cached teacher target (the LiteMedSAM trunk, initialised from the SAM
+        teacher: its embedding of a view is the cache's ``sam_embedding``) is not run in training: the cache gives
+        its output."""
+        return (batch is not None and self.student.trunk_frozen
+                and all(name in batch for name in self.student.trunk_outputs) and bool(self.student.trunk_outputs))
+
+    def predict(self, images01: torch.Tensor, batch: "dict | None" = None) -> tuple[dict, torch.Tensor]:
+        """Normalised predictions of every learnt target, and the student's patch tokens (B, h, w, D)."""
+        if self.uses_cached_trunk(batch):
+            (name,) = self.student.trunk_outputs
+            cls, patches = self.student.tokens_from_embedding(batch[name].to(images01.device).float())
+        else:
+            cls, patches = self.student.tokens(images01)
+        out = self.student.translate(cls, patches)
+        return {name: out[name] for name in self.targets}, patches
 
     def forward(self, batch: dict, images01: torch.Tensor, rngs: list[np.random.Generator],
                 step_rng: np.random.Generator, reduce=None) -> tuple[torch.Tensor, dict]:
@@ -123,7 +137,7 @@ class DistillModel(nn.Module):
                step_rng: np.random.Generator | None = None) -> dict:
         """Per-target losses (and the prompt and return-decoder terms) for one batch."""
         c = self.config.loss
-        pred, patches = self.predict(images01)
+        pred, patches = self.predict(images01, batch)
         out: dict[str, torch.Tensor] = {}
         for name in self.targets:
             target_z = self.normalise(name, batch[name])

@@ -84,9 +84,33 @@ def build_student(config: RunConfig, specs: dict) -> Student:
         from safetensors.torch import load_file
 
         student.backbone.load_state_dict(load_file(init[5:]), strict=True)
+    elif init == "teacher":
+        student.backbone.load_state_dict(trunk_teacher_state(config, student), strict=True)
     elif init != "random":
-        raise ValueError(f"student.init must be 'random', 'bundle:NAME', 'run:FOLDER' or 'timm:FILE', got '{init}'")
+        raise ValueError(f"student.init must be 'random', 'bundle:NAME', 'run:FOLDER', 'timm:FILE' or 'teacher', "
+                         f"got '{init}'")
+    if config.student.freeze_trunk:
+        if student.trunk_outputs and init != "teacher":
+            raise ValueError(f"a frozen {student.config.trunk} trunk stands in for its teacher's "
+                             f"{', '.join(student.trunk_outputs)}: set student.init to 'teacher'")
+        student.freeze_trunk()
     return student
+
+
+TRUNK_TEACHER = {"litemedsam": ("sam", "image_encoder")}  # trunk -> (teacher role, the teacher module's part)
+
+
+def trunk_teacher_state(config: RunConfig, student: Student) -> dict:
+    """The state dict of the teacher part a trunk is (LiteMedSAM's image encoder for trunk "litemedsam")."""
+    from PRISMRTLib.features.resolve import model_folder
+    from PRISMRTLib.models.bundle import load_bundle
+
+    if student.config.trunk not in TRUNK_TEACHER:
+        raise ValueError(f"student.init 'teacher' needs a trunk that is a teacher's architecture "
+                         f"({sorted(TRUNK_TEACHER)}), not '{student.config.trunk}'")
+    role, part = TRUNK_TEACHER[student.config.trunk]
+    bundle = load_bundle(model_folder(config.teachers.models[role]))
+    return getattr(bundle.modules[role], part).state_dict()
 
 
 def lr_at(step: int, config: RunConfig) -> float:
@@ -152,8 +176,13 @@ class Run:
         self.train_items, self.eval_items = split_items(len(self.cache), config)
         self.specs, heads, clip_heads, self.bundles = load_heads(config)
         self.student = build_student(config, self.specs)
-        if config.train.grad_checkpointing:
+        if config.train.grad_checkpointing and hasattr(self.student.backbone, "set_grad_checkpointing"):
             self.student.backbone.set_grad_checkpointing(True)
+        if self.student.trunk_outputs:
+            sizes = {s for _, ss in config.train.resolutions for s in ss}
+            if config.cache.image_size != self.student.config.img_size or sizes - {self.student.config.img_size}:
+                raise ValueError(f"a {self.student.config.trunk} trunk takes {self.student.config.img_size} px "
+                                 "only: set cache.image_size to it and leave train.resolutions empty")
         self.model = DistillModel(self.student, config, heads,
                                   clip_heads.visual_proj if clip_heads is not None else None)
         if config.student.init.startswith("run:"):
@@ -253,7 +282,7 @@ class Run:
             batch = self.cache.batch(self.eval_items[start:start + 8])
             for size in sizes:
                 images = resize_images(batch["image"].to(self.device), size)
-                pred, _ = self.model.predict(images)
+                pred, _ = self.model.predict(images, batch)
                 for name, z in pred.items():
                     raw = self.model.denormalise(name, z).cpu()
                     for key, value in dense_fidelity(raw, batch[name], self.reference[name]).items():

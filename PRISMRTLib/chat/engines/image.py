@@ -267,19 +267,34 @@ class ImageModelEngine:
     @classmethod
     def default(cls, device: str = "auto", backend: str = "auto", model: str | None = None) -> "ImageModelEngine":
         """The default backend's CLIP role (only that role is loaded), with the head trained for its model when
-        one ships. Raises :class:`PrismRTError` saying what to install when no CLIP model is available."""
+        one ships. With ``backend`` "auto" and no ``model``, a default whose CLIP features have no trained head (the
+        distilled student, until one is trained for it) gives way to the teachers' CLIP model when that one has
+        its calibrated head. Raises :class:`PrismRTError` saying what to install when no CLIP model is available."""
         from ...features.backends import TeacherBackend
         from ...features.resolve import open_backend
 
-        try:
-            b = open_backend(backend, model, device)
+        def clip_only(b):
             if isinstance(b, TeacherBackend):
                 # a CLIP-only backend: encode() would otherwise load the SAM teacher just for its letterbox size
                 b = TeacherBackend({"clip": b.teacher("clip")}, b.device)
             b.tokenizer, b.clip_text, b.clip_visual_proj  # noqa: B018 (fail now, not at the first question)
+            return b
+
+        try:
+            b = clip_only(open_backend(backend, model, device))
         except PrismRTError as exc:
             raise PrismRTError(f"{NO_CLIP_MODEL} ({exc})") from exc
-        return cls(b, ChatHead.for_backend(b))
+        head = ChatHead.for_backend(b)
+        if head is None and backend == "auto" and model is None and not isinstance(b, TeacherBackend):
+            try:
+                teachers = clip_only(open_backend("teachers", None, device))
+            except PrismRTError:
+                teachers = None
+            if teachers is not None and ChatHead.for_backend(teachers) is not None:
+                log.info("PRISM-RT chat: %s has no trained chat head; using %s, which has one",
+                         b.describe(), teachers.describe())
+                b, head = teachers, ChatHead.for_backend(teachers)
+        return cls(b, head)
 
     # ---- what it is -----------------------------------------------------------------------------------------------
     def method(self, question: str) -> str:
