@@ -14,6 +14,10 @@ the temperatures (of the heads and of zero-shot); ``validation-pats`` are never 
 
     OMP_NUM_THREADS=1 .venv/bin/python -m training.chat_head.train            # ~10 min on 1 CPU core
     OMP_NUM_THREADS=1 .venv/bin/python -m training.chat_head.train --limit 20 --no-save   # a quick check
+
+``--backend prismrt`` trains the head of the distilled student's CLIP role instead of the teachers' (its report:
+``training/chat_head/REPORT_prismrt-student.md``); every slice then costs a pass of LiteMedSAM's encoder, the
+student's trunk, so use coarser strides on a CPU.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from PRISMRTLib.chat.engines.image import (
 from PRISMRTLib.chat.types import Intent, SliceRef, ChatContext
 from PRISMRTLib.imaging import SlicePlane
 from training.data import REPO, TRAIN_DIR, VAL_DIR, cut_slice, load_case
-from training.standins.biomedclip import case_info, slice_truth
+from training.standins.biomedclip import MIN_PIXELS, case_info, slice_truth
 
 HOLDOUT = 34
 MIN_BODY = 0.05  # as the stand-in's evaluation pool: slices with at least 5 % tissue
@@ -83,6 +87,8 @@ def labels_of(truth) -> dict[str, int]:
 def collect(folders: list[Path], engine: ImageModelEngine, stride: int, augment: bool, verbose: bool = True) -> Pool:
     """Every ``stride``-th slice of each case in each orientation (and, with ``augment``, the mirror images)."""
     size = engine.size
+    # "visible" means the same tissue area at any input size: 10 px of a 128 px slice
+    min_pixels = max(1, round(MIN_PIXELS * (size / 128) ** 2))
     rows = {"emb": [], "emb_mirror": [], "orientation": [], "mirrored": [], "case": []}
     labels = {q: [] for q in QUESTIONS}
     t0 = time.time()
@@ -103,8 +109,9 @@ def collect(folders: list[Path], engine: ImageModelEngine, stride: int, augment:
                 pair = None
                 if o != "sagittal":
                     images.append(mirror(x, cols))
-                    pair = slice_truth(cut_slice(case, o, index, size, mirror=True), info) if augment else None
-                meta.append((o, slice_truth(sample, info), o != "sagittal", pair))
+                    pair = (slice_truth(cut_slice(case, o, index, size, mirror=True), info, min_pixels) if augment
+                            else None)
+                meta.append((o, slice_truth(sample, info, min_pixels), o != "sagittal", pair))
         if not images:  # no slice with tissue (a blank CT): nothing to learn from
             print(f"  {folder.name}: no slice with >= {MIN_BODY:.0%} tissue, skipped", flush=True)
             skipped.append(folder.name)
@@ -362,7 +369,10 @@ def main(argv=None) -> int:
     p.add_argument("--eval-stride", type=int, default=2, help="every N-th validation slice (default 2)")
     p.add_argument("--limit", type=int, default=None, help="use only N train-pats (and N // 5 validation-pats)")
     p.add_argument("--out", type=Path, default=None, help="head file (default PRISMRTLib/chat/heads/<model>)")
-    p.add_argument("--report", type=Path, default=REPORT)
+    p.add_argument("--backend", choices=("teachers", "prismrt"), default="teachers",
+                   help="whose CLIP model the heads are for (default: teachers)")
+    p.add_argument("--report", type=Path, default=None,
+                   help="default: training/chat_head/REPORT.md (teachers), REPORT_<model>.md otherwise")
     p.add_argument("--no-save", action="store_true", help="write neither the head nor the report")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
@@ -370,9 +380,12 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(a.threads)
     t_start = time.time()
-    engine = ImageModelEngine.default(device="cpu")
+    engine = ImageModelEngine.default(device="cpu", backend=a.backend)
     engine.backend.batch_size = 32
     engine.head = ChatHead(clip_model_name(engine.backend), clip_fingerprint(engine.backend))  # none yet
+    if a.report is None:
+        stem = ChatHead.path_for(engine.head.model).stem
+        a.report = REPORT if a.backend == "teachers" else REPORT.with_name(f"REPORT_{stem}.md")
     train = sorted(TRAIN_DIR.glob("pt_*"), key=lambda f: int(f.name.split("_")[1]))
     val = sorted(VAL_DIR.glob("pt_*"), key=lambda f: int(f.name.split("_")[1]))
     holdout = HOLDOUT
