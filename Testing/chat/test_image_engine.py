@@ -214,6 +214,9 @@ def test_temperature_on_a_hand_case():
     assert fit_temperature(logits, labels) == pytest.approx(2 / math.log(3), rel=1e-5)
     # always right with a margin: sharper is better, to where the NLL is flat at float precision
     assert fit_temperature(np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([0, 1])) < 0.05
+    # nothing to fit on is an error, not a NaN temperature that would silently reach a shipped head
+    with pytest.raises(ValueError, match="no labelled rows"):
+        fit_temperature(np.zeros((0, 2)), np.zeros(0, int))
 
 
 def test_expected_calibration_error_on_a_hand_case():
@@ -277,3 +280,26 @@ def test_a_default_model_without_a_chat_head_gives_way_to_the_teachers_that_have
     assert isinstance(chosen.backend, TeacherBackend) and "trained head" in chosen.source("visible:mandible")
     named = ImageModelEngine.default(device="cpu", backend="prismrt")
     assert named.backend is student and named.head is None
+
+
+def test_head_training_keeps_an_uncalibrated_zero_shot_where_calibration_has_no_labels():
+    # a tiny run (few patients, a coarse stride) can leave a question without one labelled calibration slice: the
+    # trainer must say so and keep T = 1, not write a NaN temperature into the head file
+    from types import SimpleNamespace
+
+    from training.chat_head.train import QUESTIONS, Pool, train_heads
+
+    rng = np.random.default_rng(0)
+    dim, rows = 8, 6
+    texts = {q: (list(prompts.QUESTIONS[q]), rng.normal(size=(len(prompts.QUESTIONS[q]), dim))) for q in QUESTIONS}
+    engine = SimpleNamespace(_texts=lambda: texts, _scale=10.0)
+
+    def pool(labelled: bool) -> Pool:
+        labels = {q: (rng.integers(0, len(prompts.QUESTIONS[q]), rows) if labelled else np.full(rows, -1))
+                  for q in QUESTIONS}
+        return Pool(rng.normal(size=(rows, dim)), rng.normal(size=(rows, dim)), np.array(["axial"] * rows),
+                    np.zeros(rows, bool), np.arange(rows), labels)
+
+    heads, zs_t, _ = train_heads(engine, pool(True), pool(False), verbose=False)
+    assert heads == {}
+    assert zs_t == {q: 1.0 for q in QUESTIONS}

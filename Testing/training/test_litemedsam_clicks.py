@@ -78,6 +78,34 @@ def test_shards_are_verified_on_read(tmp_path):
         C.CacheReader(tmp_path)
 
 
+def test_the_held_out_shards_alone_are_the_ones_a_full_build_makes(tmp_path, monkeypatch):
+    """``build(last_shards=N)`` writes only the last N shards (the validation shards), with the same views and
+    masks as a full build; building the rest later completes the cache."""
+    volumes = {"openkbp": [_volume("a")], "lung1": [_volume("b")]}
+
+    class FakeEncoder:  # the embedding of a view is a function of its pixels, so views can be compared
+        def __call__(self, images, boxes):
+            mean = images.reshape(len(images), -1).mean(1).astype(np.float16)
+            return np.broadcast_to(mean[:, None, None, None], (len(images), 256, 64, 64)).copy()
+
+    monkeypatch.setattr(C, "training_volumes", lambda openkbp_limit=None: volumes)
+    monkeypatch.setattr(C, "Encoder", FakeEncoder)
+    monkeypatch.setattr(C, "ITEMS_PER_SHARD", 2)
+    quiet = lambda m: None  # noqa: E731
+    C.build(tmp_path / "full", items=6, seed=1, threads=1, log=quiet)
+    C.build(tmp_path / "last", items=6, seed=1, threads=1, log=quiet, last_shards=1)
+    assert C.CacheReader(tmp_path / "last").files == ["shard_00002.npz"]
+    full, last = (C.CacheReader(tmp_path / k) for k in ("full", "last"))
+    a, b = full.load("shard_00002.npz"), last.load("shard_00002.npz")
+    assert a["items"] == b["items"]
+    for key in ("images", "embeddings", "masks", "mask_item"):
+        np.testing.assert_array_equal(a[key], b[key])
+    name = lambda reader, data: [reader.names[i] for i in data["mask_name"]]  # noqa: E731
+    assert name(full, a) == name(last, b)  # the table's order may differ, the names may not
+    C.build(tmp_path / "last", items=6, seed=1, threads=1, log=quiet)
+    assert C.CacheReader(tmp_path / "last").files == C.CacheReader(tmp_path / "full").files
+
+
 def test_packed_masks_round_trip():
     rng = np.random.default_rng(0)
     masks = rng.random((2, 3, 256, 256)) > 0.5

@@ -203,6 +203,11 @@ def train_heads(engine: ImageModelEngine, fit: Pool, cal: Pool, verbose: bool = 
         classes = list(prompts.QUESTIONS[q])
         fy, cy = fit.labels[q], cal0.labels[q]
         fsel, csel = fy >= 0, cy >= 0
+        if not csel.any():  # nothing to calibrate on (a small --limit): zero-shot answers, uncalibrated
+            zs_t[q] = 1.0
+            print(f"  {q}: no labelled calibration slices; zero-shot at temperature 1 (uncalibrated), no head: "
+                  "use more patients (--limit) or a smaller --stride", flush=True)
+            continue
         zs_t[q] = fit_temperature(zero_shot_logits(engine, q, cal0)[csel], cy[csel])
         if len(np.unique(fy[fsel])) < 2 or len(np.unique(cy[csel])) < 2:
             continue  # a class never seen: zero-shot answers this question

@@ -179,7 +179,11 @@ def _write_json(path: Path, data) -> None:
 
 
 def build(out: Path, items: int, seed: int = 0, threads: int = 2, openkbp_limit: int | None = None,
-          log=print) -> None:
+          log=print, last_shards: int | None = None) -> None:
+    """Build (or resume, or extend) the cache of ``items`` views. ``last_shards``: only the last N shards of that
+    cache, which are the held-out validation shards (``train --holdout-shards``): a rule can be scored on them
+    without building the training shards. Each item depends only on the seed and its number, so these shards are
+    the ones a full build makes (only the order of the structure-name table differs)."""
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
@@ -199,7 +203,8 @@ def build(out: Path, items: int, seed: int = 0, threads: int = 2, openkbp_limit:
     names = index["names"]
     n_shards = -(-items // ITEMS_PER_SHARD)
     start, built_now = time.time(), 0
-    for shard in range(n_shards):
+    wanted = range(n_shards - last_shards if last_shards else 0, n_shards)
+    for shard in wanted:
         file = f"shard_{shard:05d}.npz"
         if file in shards and (out / file).exists():
             continue
@@ -241,9 +246,9 @@ def build(out: Path, items: int, seed: int = 0, threads: int = 2, openkbp_limit:
         _write_json(index_path, index)
         _write_json(shards_path, shards)
         built_now += 1
-        done = sum(1 for f in shards if int(f[6:11]) < n_shards)
-        eta = (time.time() - start) / built_now * (n_shards - done)
-        log(f"{file}: {len(mask_item)} masks, {time.time() - t0:.0f} s ({done}/{n_shards} shards; ~{eta / 60:.0f} min left)")
+        done = sum(1 for f in shards if int(f[6:11]) in wanted)
+        eta = (time.time() - start) / built_now * (len(wanted) - done)
+        log(f"{file}: {len(mask_item)} masks, {time.time() - t0:.0f} s ({done}/{len(wanted)} shards; ~{eta / 60:.0f} min left)")
 
 
 class CacheReader:
@@ -287,12 +292,13 @@ def main(argv=None) -> None:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--openkbp-limit", type=int)
+    b.add_argument("--last-shards", type=int, help="build only the last N shards (the held-out validation shards)")
     v = sub.add_parser("verify", help="check every shard against its SHA-256")
     v.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     if args.command == "build":
         build(args.out, args.items, args.seed, args.threads, args.openkbp_limit,
-              log=lambda m: print(m, file=sys.stderr, flush=True))
+              log=lambda m: print(m, file=sys.stderr, flush=True), last_shards=args.last_shards)
     else:
         reader = CacheReader(args.out)
         print(f"{len(reader.files)} shards verified, {len(reader)} items, {len(reader.names)} structure names")

@@ -10,6 +10,10 @@ logits the next click refines follow the mask shown: +-8 where it differs from t
 pushes what its rules cut to -8 on the decoder's grid; at 256 px that grid is this one).
 
     python -m training.litemedsam_clicks.corrective_merge --cache training/runs/litemedsam_cache --model litemedsam-clicks
+
+The validation views are mostly organs whose first mask is poor; the objects whose first click is already good
+(``--good-first``, Dice 0.8) are reported apart, since protecting a good mask is what the clinical GTVs ask of a
+correction. A held-out cache alone is enough (``cache build --last-shards 2``).
 """
 
 from __future__ import annotations
@@ -55,11 +59,15 @@ def _shown_logits(logits: np.ndarray, model_mask: np.ndarray, shown: np.ndarray)
 
 
 @torch.no_grad()
-def run_object(model, embedding: torch.Tensor, target: np.ndarray, rule: str, clicks: int = 5) -> list[float]:
-    """Dice after each of ``clicks`` clicks on one object under ``rule``."""
+def run_object(model, embedding: torch.Tensor, target: np.ndarray, rule: str, clicks: int = 5,
+               labels: list | None = None) -> list[float]:
+    """Dice after each of ``clicks`` clicks on one object under ``rule``; each click's label (1 positive, 0
+    negative, -1 none: exact already) is appended to ``labels`` when given."""
     history, scores, shown, logits = [], [], None, None
     for n in range(clicks):
         click = (*first_click(target), 1) if n == 0 else corrective_click(shown, target)
+        if labels is not None:
+            labels.append(-1 if click is None else int(click[2]))
         if click is None:  # exact already
             scores.append(scores[-1])
             continue
@@ -86,12 +94,28 @@ def score(model, data: CacheData, clicks: int = 5, max_objects: int | None = Non
     if max_objects:
         chosen = chosen[:: max(1, len(chosen) // max_objects)][:max_objects]
     out = {rule: [] for rule in RULES}
+    second = []
     for m in chosen:
         emb = data.embeddings[int(data.owner[m])][None].float()
         target = unpack_masks(data.masks[m:m + 1])[0][1]
         for rule in RULES:
-            out[rule].append(run_object(model, emb, target, rule, clicks))
-    return {rule: np.asarray(v) for rule, v in out.items()}
+            labels = [] if rule == "replace" else None  # the first two clicks are the same under every rule
+            out[rule].append(run_object(model, emb, target, rule, clicks, labels))
+            if labels is not None:
+                second.append(labels[1] if clicks > 1 else -1)
+    result = {rule: np.asarray(v) for rule, v in out.items()}
+    result["second_click"] = np.asarray(second)
+    return result
+
+
+def subsets(result: dict, good_first: float) -> dict[str, np.ndarray]:
+    """Which objects each table covers: all; those whose first click already gives Dice >= ``good_first`` (a good
+    first mask, as on the clinical GTVs, where a correction should change little); and of those the ones whose
+    second click is negative (a cut into a good mask: LUNG1-001's case)."""
+    first = result["replace"][:, 0]
+    good = first >= good_first
+    return {"all": np.ones(len(first), bool), f"first click >= {good_first:g}": good,
+            f"first click >= {good_first:g}, second click negative": good & (result["second_click"] == 0)}
 
 
 def main(argv=None) -> None:
@@ -101,6 +125,8 @@ def main(argv=None) -> None:
     p.add_argument("--holdout-shards", type=int, default=2)
     p.add_argument("--clicks", type=int, default=5)
     p.add_argument("--max-objects", type=int)
+    p.add_argument("--good-first", type=float, default=0.8,
+                   help="also report the objects whose first-click Dice is at least this (a good first mask)")
     p.add_argument("--out", type=Path, help="write the per-object Dice here (.json)")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
@@ -108,16 +134,22 @@ def main(argv=None) -> None:
     data = CacheData(reader, reader.files[-args.holdout_shards:])
     model = load_bundle(model_folder(args.model)).modules["sam"]
     result = score(model, data, args.clicks, args.max_objects)
-    n = len(next(iter(result.values())))
-    print(f"corrective clicks on {n} validation objects ({args.model}), mean Dice after each click:")
-    print("| rule | " + " | ".join(f"{k} click{'s' if k > 1 else ''}" for k in range(1, args.clicks + 1)) + " |")
-    print("|---|" + "---|" * args.clicks)
-    for rule, v in result.items():
-        print(f"| {rule} | " + " | ".join(f"{x:.3f}" for x in v.mean(0)) + " |")
-    for rule in RULES[1:]:
-        diff = result[rule] - result["replace"]
-        print(f"objects better / worse with {rule} than replace, per click: "
-              + ", ".join(f"{int((d > 1e-9).sum())}/{int((d < -1e-9).sum())}" for d in diff.T))
+    n = len(result["replace"])
+    from scipy.stats import wilcoxon
+
+    for title, keep in subsets(result, args.good_first).items():
+        print(f"\ncorrective clicks on {int(keep.sum())} of {n} validation objects ({title}; {args.model}), "
+              "mean Dice after each click:")
+        print("| rule | " + " | ".join(f"{k} click{'s' if k > 1 else ''}" for k in range(1, args.clicks + 1)) + " |")
+        print("|---|" + "---|" * args.clicks)
+        for rule in RULES:
+            print(f"| {rule} | " + " | ".join(f"{x:.3f}" for x in result[rule][keep].mean(0)) + " |")
+        for rule in RULES[1:]:
+            diff = (result[rule] - result["replace"])[keep]
+            p_values = [wilcoxon(d).pvalue if np.any(np.abs(d) > 1e-9) else 1.0 for d in diff.T]
+            print(f"objects better / worse with {rule} than replace, per click (paired Wilcoxon p): "
+                  + ", ".join(f"{int((d > 1e-9).sum())}/{int((d < -1e-9).sum())} ({pv:.2g})"
+                              for d, pv in zip(diff.T, p_values)))
     if args.out:
         args.out.write_text(json.dumps({"model": args.model, "cache": str(args.cache), "objects": n,
                                         **{rule: v.tolist() for rule, v in result.items()}}))

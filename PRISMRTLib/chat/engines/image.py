@@ -64,6 +64,8 @@ def nll(logits, labels, temperature: float = 1.0) -> float:
 def fit_temperature(logits, labels, lo: float = 1e-2, hi: float = 1e2) -> float:
     """The temperature T minimising the NLL of softmax(logits / T) (golden-section search on log T; the NLL is
     unimodal in T). Temperature scaling keeps every decision and only fixes the confidence."""
+    if not len(labels):
+        raise ValueError("no labelled rows to fit a temperature on")
     a, b = math.log(lo), math.log(hi)
     g = (math.sqrt(5) - 1) / 2
     c, d = b - g * (b - a), a + g * (b - a)
