@@ -386,3 +386,19 @@ def test_progressive_merge_changes_only_the_piece_under_the_click():
     assert merged[12:14, 2:12].all() and not merged[18, 18]
     untouched = progressive_merge(new, previous, (8, 8))  # the click's pixel did not change: the model's mask
     assert np.array_equal(untouched, new)
+
+
+def test_corrective_merge_compares_two_models_object_for_object(capsys):
+    """--compare pairs this run's SAM-rule Dice with another model's saved run, subsets by that model's first
+    click; runs on other objects are refused with what to match."""
+    from training.litemedsam_clicks.corrective_merge import compare
+
+    rng = np.random.default_rng(0)
+    theirs = rng.random((20, 3))
+    other = {"model": "ref", "replace": theirs.tolist(), "second_click": [0, 1] * 10}
+    compare({"replace": theirs + 0.01}, other, 0.5, "new")
+    out = capsys.readouterr().out
+    assert "new against ref on 20 objects" in out and "20/0" in out
+    assert f"on {int((theirs[:, 0] >= 0.5).sum())} objects (first click >= 0.5 for ref)" in out
+    with pytest.raises(SystemExit, match="same cache"):
+        compare({"replace": theirs[:5]}, other, 0.5, "new")

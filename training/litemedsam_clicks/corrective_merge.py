@@ -13,7 +13,12 @@ pushes what its rules cut to -8 on the decoder's grid; at 256 px that grid is th
 
 The validation views are mostly organs whose first mask is poor; the objects whose first click is already good
 (``--good-first``, Dice 0.8) are reported apart, since protecting a good mask is what the clinical GTVs ask of a
-correction. A held-out cache alone is enough (``cache build --last-shards 2``).
+correction. A held-out cache alone is enough (``cache build --last-shards 2``). ``--rules replace`` scores SAM's
+rule alone (a third of the time) and ``--compare OTHER.json`` sets a model beside another's saved ``--out``, object
+for object (a candidate against the shipped heads)::
+
+    python -m training.litemedsam_clicks.corrective_merge --cache CACHE --model CANDIDATE --rules replace \
+        --compare SHIPPED.json --out CANDIDATE.json
 """
 
 from __future__ import annotations
@@ -89,16 +94,18 @@ def run_object(model, embedding: torch.Tensor, target: np.ndarray, rule: str, cl
     return scores
 
 
-def score(model, data: CacheData, clicks: int = 5, max_objects: int | None = None) -> dict:
+def score(model, data: CacheData, clicks: int = 5, max_objects: int | None = None, rules=RULES) -> dict:
     chosen = data.clickable
     if max_objects:
         chosen = chosen[:: max(1, len(chosen) // max_objects)][:max_objects]
-    out = {rule: [] for rule in RULES}
+    if "replace" not in rules:
+        raise ValueError("the rules scored must include 'replace' (the others are compared with it)")
+    out = {rule: [] for rule in rules}
     second = []
     for m in chosen:
         emb = data.embeddings[int(data.owner[m])][None].float()
         target = unpack_masks(data.masks[m:m + 1])[0][1]
-        for rule in RULES:
+        for rule in rules:
             labels = [] if rule == "replace" else None  # the first two clicks are the same under every rule
             out[rule].append(run_object(model, emb, target, rule, clicks, labels))
             if labels is not None:
@@ -118,6 +125,30 @@ def subsets(result: dict, good_first: float) -> dict[str, np.ndarray]:
             f"first click >= {good_first:g}, second click negative": good & (result["second_click"] == 0)}
 
 
+def compare(result: dict, other: dict, good_first: float, name: str) -> None:
+    """This model against another's saved run on the same objects, under SAM's rule: mean Dice after each click,
+    objects better / worse and the paired Wilcoxon p; the subsets are chosen by the other model's first click."""
+    from scipy.stats import wilcoxon
+
+    theirs, ours = np.asarray(other["replace"]), result["replace"]
+    if theirs.shape != ours.shape:
+        raise SystemExit(f"--compare: {other.get('model')} was scored on {theirs.shape[0]} objects x "
+                         f"{theirs.shape[1]} clicks, this run on {ours.shape[0]} x {ours.shape[1]}: "
+                         "use the same cache, --holdout-shards, --clicks and --max-objects")
+    for title, keep in subsets({"replace": theirs, "second_click": np.asarray(other["second_click"])},
+                               good_first).items():
+        diff = (ours - theirs)[keep]
+        p_values = [wilcoxon(d).pvalue if np.any(np.abs(d) > 1e-9) else 1.0 for d in diff.T]
+        print(f"\n{name} against {other.get('model')} on {int(keep.sum())} objects ({title} for "
+              f"{other.get('model')}), SAM's rule:")
+        print("| model | " + " | ".join(str(k) for k in range(1, ours.shape[1] + 1)) + " |")
+        print("|---|" + "---|" * ours.shape[1])
+        for label, values in ((other.get("model"), theirs), (name, ours)):
+            print(f"| {label} | " + " | ".join(f"{x:.3f}" for x in values[keep].mean(0)) + " |")
+        print("| better / worse (p) | " + " | ".join(f"{int((d > 1e-9).sum())}/{int((d < -1e-9).sum())} ({pv:.2g})"
+                                                 for d, pv in zip(diff.T, p_values)) + " |")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cache", type=Path, required=True)
@@ -128,12 +159,18 @@ def main(argv=None) -> None:
     p.add_argument("--good-first", type=float, default=0.8,
                    help="also report the objects whose first-click Dice is at least this (a good first mask)")
     p.add_argument("--out", type=Path, help="write the per-object Dice here (.json)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES), help="which rules to score ('replace' "
+                   "always: SAM's rule, the model's new mask)")
+    p.add_argument("--compare", type=Path, help="another model's --out on the same objects: compare SAM's rule "
+                   "object for object (subsets by that model's first click)")
     args = p.parse_args(argv)
-    torch.set_num_threads(2)
+    rules = tuple(r for r in RULES if r in set(args.rules) | {"replace"})
+    torch.set_num_threads(args.threads)
     reader = CacheReader(args.cache)
     data = CacheData(reader, reader.files[-args.holdout_shards:])
     model = load_bundle(model_folder(args.model)).modules["sam"]
-    result = score(model, data, args.clicks, args.max_objects)
+    result = score(model, data, args.clicks, args.max_objects, rules)
     n = len(result["replace"])
     from scipy.stats import wilcoxon
 
@@ -142,9 +179,9 @@ def main(argv=None) -> None:
               "mean Dice after each click:")
         print("| rule | " + " | ".join(f"{k} click{'s' if k > 1 else ''}" for k in range(1, args.clicks + 1)) + " |")
         print("|---|" + "---|" * args.clicks)
-        for rule in RULES:
+        for rule in rules:
             print(f"| {rule} | " + " | ".join(f"{x:.3f}" for x in result[rule][keep].mean(0)) + " |")
-        for rule in RULES[1:]:
+        for rule in rules[1:]:
             diff = (result[rule] - result["replace"])[keep]
             p_values = [wilcoxon(d).pvalue if np.any(np.abs(d) > 1e-9) else 1.0 for d in diff.T]
             print(f"objects better / worse with {rule} than replace, per click (paired Wilcoxon p): "
@@ -153,6 +190,8 @@ def main(argv=None) -> None:
     if args.out:
         args.out.write_text(json.dumps({"model": args.model, "cache": str(args.cache), "objects": n,
                                         **{rule: v.tolist() for rule, v in result.items()}}))
+    if args.compare:
+        compare(result, json.loads(args.compare.read_text()), args.good_first, args.model)
 
 
 if __name__ == "__main__":
